@@ -1,0 +1,341 @@
+"""Checkpoint I/O: resolve a model argument and read its tensors lazily.
+
+A model argument is a local directory, a weight file, an alias or a hub id found in the
+Hugging Face cache. Tensors are read one at a time (safetensors ``safe_open``; torch pickles
+with ``weights_only=True`` and ``mmap``), so a merge never holds two whole models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mamcli.aliases import ALIASES
+from mamcli.errors import MamError
+from mamcli.families import FAMILIES, Arch, Family, detect
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+# files never copied into a merged output: weights, their indexes, and the target's model card
+NOT_COPIED = re.compile(r".*(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.onnx|\.gguf|\.index\.json)$"
+                        r"|README\.md|\.gitattributes|mam_report\.json|lams\.json")
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+
+# safetensors dtype strings <-> torch dtypes (the format's own names)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    # byte range inside ``file`` (safetensors only: lets untouched tensors be copied as raw bytes)
+    start: int | None = None
+    end: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Return (header, data start offset). safe_open validates the file; this gives byte offsets."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise MamError(f"{path}: truncated safetensors file ({path.stat().st_size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000 or n > path.stat().st_size:
+            raise MamError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise MamError(f"{path}: corrupt safetensors header") from None
+    return header, 8 + n
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    """sha256 of a file; for Hugging Face cache blobs the file name already is the sha256."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(real, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """A resolved model: where it lives, its config, and a lazy view of its tensors."""
+
+    spec: str
+    root: Path
+    files: list[Path]
+    config: dict[str, Any]
+    fmt: str  # "safetensors" | "torch" | "beats"
+    hub_id: str | None = None
+    revision: str | None = None
+    infos: dict[str, TensorInfo] = field(default_factory=dict)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _arch: Arch | None = field(default=None, repr=False)
+
+    # ---- reading -------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise MamError(f"{self.spec}: no tensor named {name!r}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        if self.fmt == "safetensors":
+            try:
+                return self._handles[info.file].get_tensor(name)
+            except SafetensorError as e:
+                raise MamError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
+        return self._state[name]
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's stored bytes, unchanged (what an untouched tensor is copied as)."""
+        info = self.info(name)
+        if info.start is not None and info.end is not None:
+            buf = bytearray(info.end - info.start)
+            with open(info.file, "rb") as f:
+                f.seek(info.start)
+                if f.readinto(buf) != len(buf):
+                    raise MamError(f"{info.file}: truncated while reading {name!r}")
+            return memoryview(buf)
+        t = self._state[name].contiguous()
+        return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+    def arch(self, families: tuple[Family, ...] = FAMILIES) -> Arch:
+        if self._arch is None or self._arch.family not in families:
+            arch = detect(self.infos, self.config, families, label=self.spec)
+            if arch.hidden is None:
+                q = self.info(arch.tensor(0, "q", "weight"))
+                hidden = q.shape[1] if len(q.shape) == 2 else None
+                arch = Arch(arch.family, arch.layout, arch.prefix, arch.num_layers, hidden, arch.heads,
+                            arch.model_type)
+            self._arch = arch
+        return self._arch
+
+    def weight_hashes(self) -> dict[str, str]:
+        return {p.name: sha256_file(p) for p in self.files}
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "path": str(self.root.absolute()), "hub_id": self.hub_id, "revision": self.revision,
+                "format": self.fmt, "files": [p.name for p in self.files]}
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+        self._state.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- opening -------------------------------------------------------------------------
+    def _open_safetensors(self) -> None:
+        for path in self.files:
+            header, data_start = read_safetensors_header(path)
+            try:
+                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            except (SafetensorError, OSError) as e:
+                raise MamError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                if meta["dtype"] not in ST_DTYPES:
+                    raise MamError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+                a, b = meta["data_offsets"]
+                self.infos[name] = TensorInfo(name, ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), path,
+                                              data_start + a, data_start + b)
+
+    def _open_torch(self) -> None:
+        for path in self.files:
+            obj = load_torch_file(path)
+            state, cfg = unwrap_state(obj, path)
+            if cfg is not None:
+                self.fmt = "beats"
+                self.config = {"model_type": "beats", **cfg, **self.config}
+            for name, t in state.items():
+                self._state[name] = t
+                self.infos[name] = TensorInfo(name, t.dtype, tuple(t.shape), path)
+
+
+def load_torch_file(path: Path) -> Any:
+    """torch.load with weights_only=True (never arbitrary unpickling), memory-mapped when possible."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) pickles cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MamError(f"{path} does not exist") from None
+    except Exception as e:  # torch raises many types for bad pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise MamError(f"{path}: this checkpoint holds Python objects that mam will not unpickle "
+                           f"(weights_only=True): {first}; re-save its state_dict") from None
+        raise MamError(f"{path}: cannot read PyTorch checkpoint: {first}") from None
+
+
+def unwrap_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """A plain state dict, ``{"state_dict": ...}``, or BEATs' ``{"cfg": ..., "model": ...}``."""
+    cfg = None
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        cfg = dict(obj.get("cfg") or {})
+        obj = obj["model"]
+    elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MamError(f"{path}: not a state dict of tensors")
+    return dict(obj), cfg
+
+
+def _weights_in_dir(d: Path) -> tuple[list[Path], str]:
+    if (d / SAFETENSORS_INDEX).is_file():
+        return _from_index(d, SAFETENSORS_INDEX), "safetensors"
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"], "safetensors"
+    if (d / BIN_INDEX).is_file():
+        return _from_index(d, BIN_INDEX), "torch"
+    if (d / "pytorch_model.bin").is_file():
+        return [d / "pytorch_model.bin"], "torch"
+    singles = sorted(d.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles, "safetensors"
+    pts = sorted(d.glob("*.pt"))
+    if len(pts) == 1:
+        return pts, "torch"
+    raise MamError(f"{d}: no weights found (expected model.safetensors, {SAFETENSORS_INDEX}, pytorch_model.bin "
+                   "or one .pt file)")
+
+
+def _from_index(d: Path, index: str) -> list[Path]:
+    try:
+        weight_map = json.loads((d / index).read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise MamError(f"{d / index}: corrupt index ({e})") from None
+    files = sorted({d / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MamError(f"{d / index}: shard files missing: {', '.join(missing)}")
+    return files
+
+
+def _read_config(d: Path) -> dict[str, Any]:
+    p = d / "config.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise MamError(f"{p}: invalid JSON ({e})") from None
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as e:  # invalid repo ids and cache errors: say so in one line
+        raise MamError(f"{repo_id}: {str(e).splitlines()[0]}") from None
+    how = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    if offline():
+        raise MamError(f"{repo_id} is not a local path and not in the Hugging Face cache (HF_HUB_OFFLINE is set); "
+                       f"download it first: {how}")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network errors come in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MamError(f"{repo_id} is neither local nor cached, and downloading failed ({first}); "
+                       f"download it with: {how}") from None
+
+
+def resolve(spec: str, revision: str | None = None) -> Checkpoint:
+    """Turn a model argument into an opened :class:`Checkpoint` (tensors still on disk)."""
+    path = Path(spec).expanduser()
+    hub_id = None
+    if not path.exists():
+        hub_id = ALIASES[spec][0] if spec in ALIASES else spec
+        if spec not in ALIASES and (spec.startswith((".", "/", "~")) or spec.endswith(WEIGHT_SUFFIXES)
+                                    or spec.count("/") > 1):
+            raise MamError(f"{spec} does not exist")
+        if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", hub_id):
+            raise MamError(f"{spec!r} is not a path, an alias (see `mam models`) or a hub id")
+        path = _hub_snapshot(hub_id, revision)
+    if path.is_dir():
+        files, fmt = _weights_in_dir(path)
+        config = _read_config(path)
+        root = path
+    else:
+        files = [path]
+        fmt = "safetensors" if path.suffix == ".safetensors" else "torch"
+        config = _read_config(path.parent) if path.suffix == ".safetensors" else {}
+        root = path.parent
+    rev = Path(os.path.realpath(root)).name if hub_id and "snapshots" in root.parts else None
+    ckpt = Checkpoint(spec=spec, root=root, files=files, config=config, fmt=fmt, hub_id=hub_id,
+                      revision=rev or revision)
+    try:
+        if fmt == "safetensors":
+            ckpt._open_safetensors()
+        else:
+            ckpt._open_torch()
+    except BaseException:
+        ckpt.close()
+        raise
+    if not ckpt.infos:
+        ckpt.close()
+        raise MamError(f"{spec}: the checkpoint holds no tensors")
+    return ckpt
+
+
+def iter_copyable_files(root: Path) -> Iterator[Path]:
+    """Config, tokenizer and processor files a merged output must carry so it loads like the target."""
+    for p in sorted(root.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and not NOT_COPIED.fullmatch(p.name):
+            yield p

@@ -1,0 +1,248 @@
+"""The `mam` command line: a thin layer over the Python API.
+
+Results go to stdout (JSON/CSV/table), progress and messages to stderr. Any bad input ends
+with one line on stderr and a non-zero exit code, never a traceback (set MAM_DEBUG=1 for one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import click
+import typer
+from rich.console import Console
+
+from mamcli.errors import MamError
+from mamcli.tables import FORMATS, render
+
+if TYPE_CHECKING:
+    import torch
+
+    from mamcli.families import Family
+    from mamcli.merge import MergePlan
+
+T = TypeVar("T")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="Multimodal Attention Merging: interpolate text/image attention Q/K/V into speech/audio models.")
+err = Console(stderr=True, highlight=False)
+
+ArchMapOpt = Annotated[list[Path] | None, typer.Option("--arch-map", help="Extra architecture family (JSON/TOML).")]
+PartsOpt = Annotated[str, typer.Option("--parts", help="Comma list of q,k,v,o.")]
+BiasOpt = Annotated[bool, typer.Option("--bias", help="Merge biases too.")]
+LayerMapOpt = Annotated[str | None, typer.Option("--layer-map",
+                                                 help="Source layer per target layer: stride|first|last|LIST.")]
+FormatOpt = Annotated[str, typer.Option("--format", help=f"One of {', '.join(FORMATS)}.")]
+
+
+def _families(arch_map: list[Path] | None) -> tuple[Family, ...]:
+    from mamcli.families import all_families, load_family_file
+
+    return all_families([f for p in arch_map or [] for f in load_family_file(p)])
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise MamError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    import torch
+
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise MamError(f"--out-dtype must be one of fp32, fp16, bf16; got {name!r}")
+    return table[name]
+
+
+def _plan_rows(plan: MergePlan) -> list[dict[str, Any]]:
+    rows = [{"layer": p.layer, "source_layer": p.source_layer, "part": p.part, "kind": p.kind, "lam": p.lam,
+             "source": p.source + (f"[{p.source_rows[0]}:{p.source_rows[1]}]" if p.source_rows else ""),
+             "target": p.target + (f"[{p.target_rows[0]}:{p.target_rows[1]}]" if p.target_rows else ""),
+             "shape": "x".join(map(str, p.shape))} for p in plan.pairs]
+    rows += [{"layer": s["layer"], "part": s["part"], "kind": s["kind"], "source": "(skipped)",
+              "target": s["reason"]} for s in plan.skipped]
+    return rows
+
+
+def _print_plan(plan: MergePlan, fmt: str) -> None:
+    sys.stdout.write(render(_plan_rows(plan), fmt, title="source → target tensor pairs"))
+    if fmt in ("table",):
+        err.print(f"source: {plan.source.describe()}")
+        err.print(f"target: {plan.target.describe()}")
+        for n in plan.notes:
+            err.print(f"note: {n}")
+        if plan.unmapped:
+            err.print(f"target attention tensors left unmapped ({len(plan.unmapped)}):")
+            for n in plan.unmapped:
+                err.print(f"  {n}")
+
+
+@app.command("merge")
+def merge_cmd(
+    source: Annotated[str, typer.Argument(help="Source (text/image) model: directory, file, alias or hub id.")],
+    target: Annotated[str, typer.Argument(help="Target (speech/audio) model.")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output directory.")] = None,
+    lam: Annotated[float | None, typer.Option("--lam", help="λ for every selected layer, in [0,1].")] = None,
+    lams: Annotated[Path | None, typer.Option("--lams", help="Per-layer λ file (lams.json, report, list).")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="12-19 | 0,3,5 | top:K:ranking.json[:metric].")] = None,
+    parts: PartsOpt = "q,k,v",
+    bias: BiasOpt = False,
+    noise: Annotated[str | None, typer.Option("--noise", help="Noise as source: source|target|normal.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise.")] = 0,
+    layer_map: LayerMapOpt = None,
+    shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard past this size, e.g. 2GB.")] = None,
+    out_dtype: Annotated[str | None, typer.Option("--out-dtype", help="fp32|fp16|bf16 (default: target's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the tensor pairs; write nothing.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision for hub ids.")] = None,
+    arch_map: ArchMapOpt = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr.")] = False,
+) -> None:
+    """Interpolate the source's attention Q/K/V into the target and write a loadable checkpoint."""
+    from mamcli.checkpoint import resolve
+    from mamcli.merge import MergeOptions, merge_to_dir, plan_merge
+    from mamcli.report import dumps
+    from mamcli.writer import parse_size
+
+    if out is None and not dry_run:
+        raise MamError("give an output directory with -o DIR (or --dry-run)")
+    options = MergeOptions(lam=lam, layers=layers, lams_file=lams, parts=_parts(parts), bias=bias, noise=noise,
+                           seed=seed, layer_map=layer_map)
+    options.validate()
+    families = _families(arch_map)
+    size = parse_size(shard_size) if shard_size else None
+    dtype = _dtype(out_dtype)
+    if out is not None and out.exists() and not force and not dry_run:
+        raise MamError(f"{out} already exists; pass --force to replace it")
+    with ExitStack() as stack:
+        src = stack.enter_context(resolve(source, revision))
+        tgt = stack.enter_context(resolve(target, revision))
+        if dry_run:
+            _print_plan(plan_merge(src, tgt, options, families), "json" if json_out else "table")
+            return
+        assert out is not None
+        report = _with_progress(lambda cb: merge_to_dir(src, tgt, options, out, force=force, shard_size=size,
+                                                        out_dtype=dtype, families=families, progress=cb),
+                                "merging", quiet)
+    if json_out:
+        sys.stdout.write(dumps(report))
+    else:
+        n = len(report["tensors"])
+        err.print(f"wrote {out} ({n} tensors merged, {report['wall_time_s']} s, peak {report['peak_rss_mib']} MiB)")
+        print(out)
+
+
+def _with_progress(work: Callable[[Callable[[int, int], None] | None], T], label: str, quiet: bool) -> T:
+    """Run ``work(progress_callback)`` under a byte progress bar on stderr."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if quiet:
+        return work(None)
+    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+@app.command("map")
+def map_cmd(
+    source: Annotated[str, typer.Argument(help="Source model.")],
+    target: Annotated[str, typer.Argument(help="Target model.")],
+    parts: PartsOpt = "q,k,v",
+    bias: BiasOpt = False,
+    layer_map: LayerMapOpt = None,
+    fmt: FormatOpt = "table",
+    revision: Annotated[str | None, typer.Option("--revision")] = None,
+    arch_map: ArchMapOpt = None,
+) -> None:
+    """Print every source→target tensor pair with shapes, and the target attention tensors left unmapped."""
+    from mamcli.checkpoint import resolve
+    from mamcli.merge import MergeOptions, plan_merge
+
+    _check_format(fmt)
+    options = MergeOptions(lam=1.0, parts=_parts(parts), bias=bias, layer_map=layer_map)
+    with resolve(source, revision) as src, resolve(target, revision) as tgt:
+        plan = plan_merge(src, tgt, options, _families(arch_map))
+    _print_plan(plan, fmt)
+
+
+@app.command("verify")
+def verify_cmd(directory: Annotated[Path, typer.Argument(help="A `mam merge` output directory.")]) -> None:
+    """Recompute the output hashes and check them against mam_report.json."""
+    from mamcli.merge import verify_dir
+    from mamcli.report import dumps
+
+    result = verify_dir(directory)
+    sys.stdout.write(dumps(result))
+    if not result["ok"]:
+        bad = [f for f, r in result["files"].items() if not r["ok"]]
+        raise MamError(f"{directory}: hash mismatch in {', '.join(bad)}")
+
+
+@app.command("models")
+def models_cmd(fmt: FormatOpt = "table") -> None:
+    """List the model aliases and the hub ids they stand for."""
+    from mamcli.aliases import ALIASES
+
+    _check_format(fmt)
+    rows = [{"alias": a, "hub_id": h, "about": d} for a, (h, d) in ALIASES.items()]
+    sys.stdout.write(render(rows, fmt))
+
+
+@app.command("families")
+def families_cmd(fmt: FormatOpt = "table", arch_map: ArchMapOpt = None) -> None:
+    """List the architecture families and where they keep Q/K/V."""
+    _check_format(fmt)
+    rows = [{"family": f.name, "modality": f.modality, "model_types": ",".join(f.model_types),
+             "q_weight": " | ".join(f"{lay.layer}.{lay.module('q')}.weight" for lay in f.layouts),
+             "about": f.description} for f in _families(arch_map)]
+    sys.stdout.write(render(rows, fmt))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the Typer app, turning every failure into one line and an exit code."""
+    command = typer.main.get_command(app)
+    debug = bool(os.environ.get("MAM_DEBUG"))
+    try:
+        command.main(args=argv, prog_name="mam", standalone_mode=False)
+    except MamError as e:
+        if debug:
+            raise
+        err.print(f"mam: error: {e}", markup=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        err.print("mam: interrupted", markup=False)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("mam: interrupted; nothing was written", markup=False)
+        sys.exit(130)
+    except click.ClickException as e:
+        err.print(f"mam: error: {e.format_message()}", markup=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # a bug, not bad input: still one line, with the way to the traceback
+        if debug:
+            raise
+        err.print(f"mam: internal error: {type(e).__name__}: {e} (MAM_DEBUG=1 shows the traceback)",
+                  markup=False, soft_wrap=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

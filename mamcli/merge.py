@@ -1,0 +1,372 @@
+"""The merge itself: plan which tensors meet, interpolate them, and stream the result to disk.
+
+Per target layer i and part p: ``W = λ_i · W_source + (1 − λ_i) · W_target`` computed in float32
+exactly as written (so tests can check it to the bit), then cast to the output dtype. Every
+tensor that is not merged is copied as the target's raw bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from mamcli.checkpoint import Checkpoint, TensorInfo, iter_copyable_files
+from mamcli.errors import MamError
+from mamcli.families import FAMILIES, KINDS, PARTS, Arch, Family
+from mamcli.layers import check_lam, load_lams, parse_layer_map, parse_layers, uniform_lams
+from mamcli.report import peak_rss_mib, versions, write_json
+from mamcli.writer import OutTensor, SafetensorsWriter, atomic_output_dir, tensor_bytes
+
+NOISE_KINDS = ("source", "target", "normal")
+REPORT_NAME = "mam_report.json"
+
+
+class TensorStore(Protocol):
+    """What the planner needs from a model: a checkpoint on disk or a model in memory."""
+
+    spec: str
+    config: dict[str, Any]
+    infos: Mapping[str, TensorInfo]
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def arch(self, families: tuple[Family, ...] = FAMILIES) -> Arch: ...
+
+
+@dataclass
+class MergeOptions:
+    """What to merge. ``lam`` + ``layers`` (Eq. 1/2), or ``lams_file``/``lams`` (per layer, per part)."""
+
+    lam: float | None = None
+    layers: str | None = None
+    lams_file: str | Path | None = None
+    lams: dict[int, dict[str, float]] | None = None
+    parts: tuple[str, ...] = ("q", "k", "v")
+    bias: bool = False
+    noise: str | None = None
+    seed: int = 0
+    layer_map: str | None = None
+
+    def resolve_lams(self, num_layers: int) -> dict[int, dict[str, float]]:
+        given = [x is not None for x in (self.lam, self.lams_file, self.lams)]
+        if sum(given) != 1:
+            raise MamError("give exactly one of --lam or --lams")
+        if self.lams_file is not None:
+            if self.layers is not None:
+                raise MamError("--layers and --lams do not mix: the λ file already sets every layer")
+            return load_lams(self.lams_file, num_layers, self.parts)
+        if self.lams is not None:
+            for i, per_part in self.lams.items():
+                if not 0 <= i < num_layers:
+                    raise MamError(f"layer {i} is out of range: the target has layers 0-{num_layers - 1}")
+                for part, lam in per_part.items():
+                    check_lam(lam, f"λ of layer {i} part {part}")
+            return self.lams
+        assert self.lam is not None
+        return uniform_lams(self.lam, parse_layers(self.layers, num_layers), self.parts)
+
+    def validate(self) -> None:
+        bad = [p for p in self.parts if p not in PARTS]
+        if bad or not self.parts:
+            raise MamError(f"--parts takes a comma list of {', '.join(PARTS)}; got {','.join(self.parts) or 'nothing'}")
+        if self.noise is not None and self.noise not in NOISE_KINDS:
+            raise MamError(f"--noise must be one of {', '.join(NOISE_KINDS)}; got {self.noise!r}")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One merged logical tensor: target layer/part/kind fed by a source tensor (rows for fused qkv)."""
+
+    layer: int
+    source_layer: int
+    part: str
+    kind: str
+    lam: float
+    source: str
+    source_rows: tuple[int, int] | None
+    target: str
+    target_rows: tuple[int, int] | None
+    shape: tuple[int, ...]
+
+
+@dataclass
+class MergePlan:
+    source: Arch
+    target: Arch
+    options: MergeOptions
+    layer_map: list[int]
+    lams: dict[int, dict[str, float]]
+    pairs: list[Pair]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def lam_table(self) -> dict[str, list[float]]:
+        """Per part, λ of every target layer (0 = untouched): what ``--lams`` reads back."""
+        return {p: [self.lams.get(i, {}).get(p, 0.0) for i in range(self.target.num_layers)]
+                for p in self.options.parts}
+
+    def by_target(self) -> dict[str, list[Pair]]:
+        groups: dict[str, list[Pair]] = {}
+        for p in self.pairs:
+            groups.setdefault(p.target, []).append(p)
+        return groups
+
+    def recipe(self) -> dict[str, Any]:
+        o = self.options
+        return {"parts": list(o.parts), "bias": o.bias, "noise": o.noise, "seed": o.seed,
+                "layers": sorted(self.lams), "layer_map": self.layer_map, "lams": self.lam_table(),
+                "formula": "W = lam * W_source + (1 - lam) * W_target (float32)"}
+
+
+def check_compatible(src: Arch, tgt: Arch, src_label: str, tgt_label: str) -> list[str]:
+    """Refuse different widths or head layouts; return notes for what could not be checked."""
+    def shape(a: Arch) -> str:
+        heads = f"{a.heads} heads × {a.hidden // a.heads}" if a.heads and a.hidden else "heads unknown"
+        return f"hidden {a.hidden}, {heads}"
+
+    if src.hidden != tgt.hidden:
+        raise MamError(f"hidden sizes differ: source {src_label} has {shape(src)}, target {tgt_label} has "
+                       f"{shape(tgt)}; attention merging needs the same width")
+    if src.heads and tgt.heads and src.heads != tgt.heads:
+        raise MamError(f"head layouts differ: source {src_label} has {shape(src)}, target {tgt_label} has "
+                       f"{shape(tgt)}; attention merging needs the same heads")
+    if not (src.heads and tgt.heads):
+        who = src_label if not src.heads else tgt_label
+        return [f"head layout not checked: {who} does not state its number of heads"]
+    return []
+
+
+def _ref(store: TensorStore, arch: Arch, i: int, part: str, kind: str) -> tuple[str, tuple[int, int] | None] | None:
+    name = arch.tensor(i, part, kind)
+    if name not in store.infos:
+        return None
+    if not arch.fused_part(part):
+        return name, None
+    rows = store.infos[name].shape[0] // 3
+    j = ("q", "k", "v").index(part)
+    return name, (j * rows, (j + 1) * rows)
+
+
+def _logical_shape(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, ...]:
+    return info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+
+
+def plan_merge(source: TensorStore, target: TensorStore, options: MergeOptions,
+               families: tuple[Family, ...] = FAMILIES) -> MergePlan:
+    """Check compatibility and list every (source → target) tensor pair with its λ."""
+    options.validate()
+    src, tgt = source.arch(families), target.arch(families)
+    notes = check_compatible(src, tgt, source.spec, target.spec)
+    layer_map = parse_layer_map(options.layer_map, src.num_layers, tgt.num_layers)
+    lams = options.resolve_lams(tgt.num_layers)
+    kinds = KINDS if options.bias else ("weight",)
+    pairs: list[Pair] = []
+    skipped: list[dict[str, Any]] = []
+    for i in sorted(lams):
+        j = layer_map[i]
+        for part in options.parts:
+            lam = lams[i].get(part, 0.0)
+            if lam == 0.0:
+                continue
+            for kind in kinds:
+                s_ref = _ref(source, src, j, part, kind)
+                t_ref = _ref(target, tgt, i, part, kind)
+                if s_ref is None or t_ref is None:
+                    if kind == "weight":
+                        missing = src.tensor(j, part, kind) if s_ref is None else tgt.tensor(i, part, kind)
+                        raise MamError(f"tensor {missing} is missing, so part {part} cannot be merged")
+                    skipped.append({"layer": i, "part": part, "kind": kind,
+                                    "reason": "source has no bias" if s_ref is None else "target has no bias"})
+                    continue
+                s_shape = _logical_shape(source.infos[s_ref[0]], s_ref[1])
+                t_shape = _logical_shape(target.infos[t_ref[0]], t_ref[1])
+                if s_shape != t_shape:
+                    raise MamError(f"shapes differ: source {s_ref[0]} is {list(s_shape)}, target {t_ref[0]} is "
+                                   f"{list(t_shape)}")
+                pairs.append(Pair(i, j, part, kind, lam, s_ref[0], s_ref[1], t_ref[0], t_ref[1], t_shape))
+    return MergePlan(src, tgt, options, layer_map, lams, pairs, skipped,
+                     unmapped_attention(target, tgt, options), notes)
+
+
+def unmapped_attention(target: TensorStore, arch: Arch, options: MergeOptions) -> list[str]:
+    """Target attention tensors that the chosen parts/bias never touch, whatever the layers."""
+    kinds = KINDS if options.bias else ("weight",)
+    mapped = {arch.tensor(i, p, k) for i in range(arch.num_layers) for p in options.parts for k in kinds}
+    prefixes = tuple(arch.attention_prefix(i) for i in range(arch.num_layers))
+    return [n for n in target.infos if n.startswith(prefixes) and n not in mapped]
+
+
+# ---- the arithmetic -------------------------------------------------------------------------
+
+def interpolate(source: torch.Tensor, target: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eq. 1 in float32: ``lam * s + (1 - lam) * t``."""
+    return lam * source.to(torch.float32) + (1.0 - lam) * target.to(torch.float32)
+
+
+def noise_seed(seed: int, key: str) -> int:
+    """A per-tensor seed, so noise does not depend on the order tensors are visited."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def noise_like(kind: str, source: torch.Tensor | None, target: torch.Tensor, seed: int, key: str) -> torch.Tensor:
+    """Noise standing in for the source: N(0,1), or with exactly the mean/std of the source or target tensor."""
+    g = torch.Generator().manual_seed(noise_seed(seed, key))
+    z = torch.randn(target.shape, generator=g, dtype=torch.float32)
+    if kind == "normal":
+        return z
+    ref = (source if kind == "source" else target)
+    assert ref is not None
+    ref32 = ref.to(torch.float32)
+    if z.numel() > 1:
+        z = (z - z.mean()) / z.std()
+        return z * ref32.std() + ref32.mean()
+    return z + ref32.mean()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+    denom = a64.norm() * b64.norm()
+    return float(a64 @ b64 / denom) if denom > 0 else 0.0
+
+
+def _rows(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    return t if rows is None else t[rows[0]:rows[1]]
+
+
+class MergedTensors:
+    """Computes merged float32 tensors for a plan, one target tensor at a time."""
+
+    def __init__(self, plan: MergePlan, source: TensorStore, target: TensorStore) -> None:
+        self.plan, self.source, self.target = plan, source, target
+        self.groups = plan.by_target()
+        self._cache: tuple[str, torch.Tensor] | None = None  # fused source tensors serve three parts
+        self.stats: list[dict[str, Any]] = []
+
+    def _source(self, name: str) -> torch.Tensor:
+        if self._cache is None or self._cache[0] != name:
+            self._cache = (name, self.source.get(name))
+        return self._cache[1]
+
+    def compute(self, name: str, target_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        pairs = self.groups[name]
+        t_full = (self.target.get(name) if target_tensor is None else target_tensor).to(torch.float32)
+        out = t_full.clone() if pairs[0].target_rows is not None else None
+        noise, seed = self.plan.options.noise, self.plan.options.seed
+        for p in pairs:
+            t = _rows(t_full, p.target_rows)
+            s_real = None if noise in ("target", "normal") else _rows(self._source(p.source), p.source_rows)
+            key = f"{p.layer}.{p.part}.{p.kind}"
+            s = s_real if noise is None else noise_like(noise, s_real, t, seed, key)
+            assert s is not None
+            merged = interpolate(s, t, p.lam)
+            self.stats.append({"target": p.target, "source": p.source if noise is None else f"noise:{noise}",
+                               "layer": p.layer, "source_layer": p.source_layer, "part": p.part, "kind": p.kind,
+                               "lam": p.lam, "delta_norm": float((merged - t).norm()), "cosine": cosine(s, t)})
+            if out is None:
+                out = merged
+            else:
+                out[p.target_rows[0]:p.target_rows[1]] = merged  # type: ignore[index]
+        assert out is not None
+        return out
+
+
+# ---- to disk --------------------------------------------------------------------------------
+
+def _output_order(target: Checkpoint) -> list[TensorInfo]:
+    """Target tensors in on-disk order, so untouched bytes are read sequentially."""
+    order = {p: k for k, p in enumerate(target.files)}
+    return sorted(target.infos.values(), key=lambda t: (order[t.file], t.start or 0))
+
+
+def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, out: Path, *,
+                 force: bool = False, shard_size: int | None = None, out_dtype: torch.dtype | None = None,
+                 families: tuple[Family, ...] = FAMILIES,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Merge and write ``out`` atomically: safetensors weights, target's config/processor files, report."""
+    started = time.perf_counter()
+    plan = plan_merge(source, target, options, families)
+    infos = _output_order(target)
+    dtype_of = {t.name: out_dtype if out_dtype is not None and t.dtype.is_floating_point else t.dtype for t in infos}
+    planned = [OutTensor(t.name, dtype_of[t.name], t.shape) for t in infos]
+    total = sum(t.nbytes for t in planned)
+    recipe = plan.recipe()
+    metadata = {"format": "pt", "mam_recipe": json.dumps(
+        {"source": source.hub_id or source.spec, "target": target.hub_id or target.spec, **recipe},
+        separators=(",", ":"))}
+    merged = MergedTensors(plan, source, target)
+    with ThreadPoolExecutor(max_workers=1) as pool, atomic_output_dir(out, force) as tmp:
+        # hashing the inputs overlaps the writes (hashlib releases the GIL)
+        hashes = {"source": pool.submit(source.weight_hashes), "target": pool.submit(target.weight_hashes)}
+        writer = SafetensorsWriter(tmp, planned, metadata, shard_size)
+        done = 0
+        for info in infos:
+            if info.name in merged.groups:
+                data = tensor_bytes(merged.compute(info.name).to(dtype_of[info.name]))
+            elif dtype_of[info.name] != info.dtype:
+                data = tensor_bytes(target.get(info.name).to(dtype_of[info.name]))
+            else:
+                data = target.raw(info.name)
+            writer.write(info.name, data)
+            done += info.nbytes
+            if progress:
+                progress(done, total)
+        files = writer.close()
+        for f in iter_copyable_files(target.root) if target.fmt != "beats" else ():
+            shutil.copy2(f, tmp / f.name)
+        if out_dtype is not None and (tmp / "config.json").is_file():
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(out_dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        report = {
+            "command": "merge",
+            "inputs": {"source": _describe(source, plan.source, hashes["source"].result()),
+                       "target": _describe(target, plan.target, hashes["target"].result())},
+            "recipe": recipe,
+            "tensors": merged.stats,
+            "skipped": plan.skipped,
+            "unmapped_target_attention": plan.unmapped,
+            "notes": plan.notes,
+            "outputs": {"files": files, "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else "target",
+                        "copied": sorted(p.name for p in tmp.iterdir() if p.name not in files)},
+            "versions": versions(),
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "peak_rss_mib": peak_rss_mib(),
+        }
+        write_json(tmp / REPORT_NAME, report)
+    report["output_dir"] = str(out)
+    return report
+
+
+def _describe(ckpt: Checkpoint, arch: Arch, hashes: dict[str, str]) -> dict[str, Any]:
+    return {**ckpt.describe(), "sha256": hashes, "family": arch.family.name, "model_type": arch.model_type,
+            "layers": arch.num_layers, "hidden": arch.hidden, "heads": arch.heads, "prefix": arch.prefix}
+
+
+def verify_dir(out: Path) -> dict[str, Any]:
+    """Recompute the sha256 of every weight file in a merged directory and compare with its report."""
+    from mamcli.checkpoint import sha256_file
+
+    report_path = out / REPORT_NAME
+    try:
+        report = json.loads(report_path.read_text())
+        expected: dict[str, str] = report["outputs"]["files"]
+    except FileNotFoundError:
+        raise MamError(f"{report_path} does not exist: is {out} a `mam merge` output?") from None
+    except (ValueError, KeyError, TypeError):
+        raise MamError(f"{report_path} is not a mam report") from None
+    results = {}
+    for name, digest in expected.items():
+        path = out / name
+        actual = sha256_file(path) if path.is_file() else None
+        results[name] = {"expected": digest, "actual": actual, "ok": actual == digest}
+    return {"dir": str(out), "ok": all(r["ok"] for r in results.values()), "files": results}

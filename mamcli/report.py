@@ -1,0 +1,38 @@
+"""Run metadata shared by every command's report: versions, timing, memory, JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    from mamcli import __version__
+
+    return {"mam": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write via a temporary sibling so a reader never sees half a report."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dumps(obj))
+    tmp.replace(path)
