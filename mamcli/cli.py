@@ -13,7 +13,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 
@@ -225,19 +224,20 @@ def main(argv: list[str] | None = None) -> None:
             raise
         err.print(f"mam: error: {e}", markup=False, soft_wrap=True)
         sys.exit(1)
-    except click.exceptions.Abort:
-        err.print("mam: interrupted", markup=False)
-        sys.exit(130)
     except KeyboardInterrupt:
         err.print("mam: interrupted; nothing was written", markup=False)
         sys.exit(130)
-    except click.ClickException as e:
-        err.print(f"mam: error: {e.format_message()}", markup=False, soft_wrap=True)
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # a bug, not bad input: still one line, with the way to the traceback
-        if debug:
+    except typer.Abort:
+        err.print("mam: interrupted", markup=False)
+        sys.exit(130)
+    except Exception as e:
+        usage = getattr(e, "format_message", None)
+        if callable(usage) and isinstance(getattr(e, "exit_code", None), int):  # click/typer usage errors
+            err.print(f"mam: error: {usage()}", markup=False, soft_wrap=True)
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
+        if debug:  # a bug, not bad input: still one line, with the way to the traceback
             raise
         err.print(f"mam: internal error: {type(e).__name__}: {e} (MAM_DEBUG=1 shows the traceback)",
                   markup=False, soft_wrap=True)

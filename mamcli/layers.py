@@ -104,7 +104,8 @@ def uniform_lams(lam: float, layers: list[int], parts: tuple[str, ...]) -> dict[
 def load_lams(path: str | Path, num_layers: int, parts: tuple[str, ...]) -> dict[int, dict[str, float]]:
     """Per-layer λ from a file: ``lams.json`` of ``mam finetune``, a JSON list, or one number per line.
 
-    JSON forms: ``[λ0, λ1, …]``, ``{"lams": [...]}`` or ``{"lams": {"q": [...], "k": [...], "v": [...]}}``.
+    JSON forms: ``[λ0, λ1, …]``, ``{"lams": [...]}``, ``{"lams": {"q": [...], "k": [...], "v": [...]}}``,
+    or a ``mam_report.json`` (its ``recipe.lams``).
     """
     p = Path(path)
     try:
@@ -118,8 +119,8 @@ def load_lams(path: str | Path, num_layers: int, parts: tuple[str, ...]) -> dict
             data = [float(x) for x in text.split()]
         except ValueError:
             raise MamError(f"{p}: expected JSON or one λ per line") from None
-    if isinstance(data, dict):
-        data = data.get("lams")
+    if isinstance(data, dict):  # lams.json of finetune, or a mam_report.json (its recipe)
+        data = data["lams"] if "lams" in data else (data.get("recipe") or {}).get("lams")
     if isinstance(data, list):
         per_part = dict.fromkeys(parts, data)
     elif isinstance(data, dict) and set(data) <= set(PARTS):

@@ -78,7 +78,11 @@ def save_tiny(kind: str, path: str | Path, hidden: int = 32, layers: int = 2, he
         raise ValueError(f"unknown kind {kind!r}; choose from {', '.join([*KINDS, 'timm-vit'])}")
     cls, make_config = KINDS[kind]
     torch.manual_seed(seed)
-    model = getattr(transformers, cls)(make_config(hidden, layers, heads)).to(dtype)
+    model = getattr(transformers, cls)(make_config(hidden, layers, heads))
+    with torch.no_grad():  # fresh inits leave biases at 0 and norms at 1: jitter them so merges show
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    model = model.to(dtype)
     kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     if kind.endswith("-ctc"):

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny real checkpoints built once per session, and an in-process `mam` runner."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mamcli.tiny import save_tiny
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny(kind, **sizes)`` → path of a saved tiny model, built once per distinct request."""
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[tuple, Path] = {}
+
+    def make(kind: str, **kw: object) -> Path:
+        key = (kind, *sorted(kw.items()))
+        if key not in cache:
+            name = "-".join([kind, *(f"{k}{v}" for k, v in sorted(kw.items()))]).replace(".", "_")
+            cache[key] = save_tiny(kind, root / name, **kw)  # type: ignore[arg-type]
+        return cache[key]
+
+    return make
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def mam(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """Run the real CLI entry point in-process and capture exit code, stdout and stderr."""
+    from mamcli.cli import main
+
+    def run(*args: object) -> Result:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run

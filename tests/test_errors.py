@@ -1,0 +1,140 @@
+"""The bad-input catalogue: each case exits non-zero with one readable line and leaves no output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _assert_clean_failure(r, out: Path, needle: str) -> None:
+    assert r.code != 0
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1, r.err
+    assert lines[0].startswith("mam: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in r.err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary leftovers
+
+
+@pytest.fixture
+def pair(tiny):
+    return tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+
+
+def test_mismatched_widths(tiny, mam, tmp_path):
+    r = mam("merge", tiny("bert", hidden=48, heads=4, layers=2), tiny("hubert-ctc", layers=2), "--lam", "0.1",
+            "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "hidden sizes differ")
+    assert "hidden 48, 4 heads × 12" in r.err and "hidden 32, 4 heads × 8" in r.err
+
+
+def test_mismatched_heads(tiny, mam, tmp_path):
+    r = mam("merge", tiny("bert", heads=8, layers=2), tiny("hubert-ctc", layers=2), "--lam", "0.1",
+            "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "head layouts differ")
+    assert "8 heads × 4" in r.err and "4 heads × 8" in r.err
+
+
+def test_unknown_family(pair, mam, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"foo.bar": torch.zeros(2, 2)}, str(tmp_path / "weird.safetensors"))
+    r = mam("merge", tmp_path / "weird.safetensors", pair[1], "--lam", "0.1", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "unknown architecture")
+
+
+def test_corrupt_safetensors(pair, mam, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pair[0], bad)
+    (bad / "model.safetensors").write_bytes(b"this is not a safetensors file at all")
+    r = mam("merge", bad, pair[1], "--lam", "0.1", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "model.safetensors")
+
+
+def test_truncated_safetensors(pair, mam, tmp_path):
+    bad = tmp_path / "trunc"
+    shutil.copytree(pair[1], bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    r = mam("merge", pair[0], bad, "--lam", "0.1", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "model.safetensors")
+
+
+def test_missing_shard(pair, mam, tmp_path):
+    from mamcli.tiny import save_tiny
+
+    d = save_tiny("hubert-ctc", tmp_path / "sharded", layers=2, max_shard_size="20KB")
+    victim = sorted(d.glob("model-*.safetensors"))[0]
+    victim.unlink()
+    r = mam("merge", pair[0], d, "--lam", "0.1", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", victim.name)
+
+
+@pytest.mark.parametrize("spec", ["./no/such/dir", "/nope/model.safetensors", "no-such-alias-or-cached-model"])
+def test_missing_model(spec, pair, mam, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = mam("merge", spec, pair[1], "--lam", "0.1", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "")
+
+
+def test_no_weights_in_dir(pair, mam, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    r = mam("merge", tmp_path / "empty", pair[1], "--lam", "0.1", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "no weights found")
+
+
+@pytest.mark.parametrize("lam,needle", [("1.5", "[0, 1]"), ("-0.1", "[0, 1]"), ("nan", "[0, 1]"),
+                                        ("abc", "Invalid value for '--lam'")])
+def test_bad_lambda(lam, needle, pair, mam, tmp_path):
+    r = mam("merge", *pair, "--lam", lam, "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", needle)
+
+
+@pytest.mark.parametrize("spec,needle", [("5-2", "runs backwards"), ("9", "out of range"), ("x", "bad layer spec"),
+                                         ("0,0", "listed twice"), ("top:2:missing.json", "does not exist")])
+def test_bad_layer_spec(spec, needle, pair, mam, tmp_path):
+    r = mam("merge", *pair, "--lam", "0.1", "--layers", spec, "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--parts", "q,x"], "--parts"), (["--noise", "pink"], "--noise"), (["--out-dtype", "int8"], "--out-dtype"),
+    (["--shard-size", "lots"], "bad size"), (["--layer-map", "1,2,3"], "--layer-map"),
+])
+def test_bad_options(args, needle, pair, mam, tmp_path):
+    r = mam("merge", *pair, "--lam", "0.1", *args, "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", needle)
+
+
+def test_lam_and_lams_together(pair, mam, tmp_path):
+    (tmp_path / "l.json").write_text(json.dumps([0.1, 0.2]))
+    r = mam("merge", *pair, "--lam", "0.1", "--lams", tmp_path / "l.json", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "exactly one of --lam or --lams")
+    (tmp_path / "short.json").write_text(json.dumps([0.1]))
+    r = mam("merge", *pair, "--lams", tmp_path / "short.json", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "1 λ values")
+
+
+def test_existing_output(pair, mam, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = mam("merge", *pair, "--lam", "0.1", "-o", out)
+    assert r.code == 1 and r.err.count("\n") == 1 and "already exists" in r.err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_pickle_with_code_is_refused(pair, mam, tmp_path):
+    import collections
+
+    import torch
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"opaque": collections.Counter("abc")}, bad)
+    r = mam("merge", bad, pair[1], "--lam", "0.1", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", "evil.pt")
