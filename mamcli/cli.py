@@ -67,8 +67,9 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return table[name]
 
 
-def _plan_rows(plan: MergePlan) -> list[dict[str, Any]]:
-    rows = [{"layer": p.layer, "source_layer": p.source_layer, "part": p.part, "kind": p.kind, "lam": p.lam,
+def _plan_rows(plan: MergePlan, with_lam: bool) -> list[dict[str, Any]]:
+    rows = [{"layer": p.layer, "source_layer": p.source_layer, "part": p.part, "kind": p.kind,
+             **({"lam": p.lam} if with_lam else {}),
              "source": p.source + (f"[{p.source_rows[0]}:{p.source_rows[1]}]" if p.source_rows else ""),
              "target": p.target + (f"[{p.target_rows[0]}:{p.target_rows[1]}]" if p.target_rows else ""),
              "shape": "x".join(map(str, p.shape))} for p in plan.pairs]
@@ -77,8 +78,8 @@ def _plan_rows(plan: MergePlan) -> list[dict[str, Any]]:
     return rows
 
 
-def _print_plan(plan: MergePlan, fmt: str) -> None:
-    sys.stdout.write(render(_plan_rows(plan), fmt, title="source → target tensor pairs"))
+def _print_plan(plan: MergePlan, fmt: str, with_lam: bool) -> None:
+    sys.stdout.write(render(_plan_rows(plan, with_lam), fmt, title="source → target tensor pairs"))
     if fmt in ("table",):
         err.print(f"source: {plan.source.describe()}")
         err.print(f"target: {plan.target.describe()}")
@@ -132,7 +133,7 @@ def merge_cmd(
         src = stack.enter_context(resolve(source, revision))
         tgt = stack.enter_context(resolve(target, revision))
         if dry_run:
-            _print_plan(plan_merge(src, tgt, options, families), "json" if json_out else "table")
+            _print_plan(plan_merge(src, tgt, options, families), "json" if json_out else "table", with_lam=True)
             return
         assert out is not None
         report = _with_progress(lambda cb: merge_to_dir(src, tgt, options, out, force=force, shard_size=size,
@@ -140,9 +141,10 @@ def merge_cmd(
                                 "merging", quiet)
     if json_out:
         sys.stdout.write(dumps(report))
-    else:
+    elif not quiet:
         n = len(report["tensors"])
         err.print(f"wrote {out} ({n} tensors merged, {report['wall_time_s']} s, peak {report['peak_rss_mib']} MiB)")
+    if not json_out:
         print(out)
 
 
@@ -150,7 +152,7 @@ def _with_progress(work: Callable[[Callable[[int, int], None] | None], T], label
     """Run ``work(progress_callback)`` under a byte progress bar on stderr."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    if quiet:
+    if quiet or not err.is_terminal:  # a bar in a log file is noise
         return work(None)
     with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err,
                   transient=True) as bar:
@@ -177,7 +179,7 @@ def map_cmd(
     options = MergeOptions(lam=1.0, parts=_parts(parts), bias=bias, layer_map=layer_map)
     with resolve(source, revision) as src, resolve(target, revision) as tgt:
         plan = plan_merge(src, tgt, options, _families(arch_map))
-    _print_plan(plan, fmt)
+    _print_plan(plan, fmt, with_lam=False)
 
 
 @app.command("verify")

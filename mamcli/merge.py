@@ -308,19 +308,23 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
         # hashing the inputs overlaps the writes (hashlib releases the GIL)
         hashes = {"source": pool.submit(source.weight_hashes), "target": pool.submit(target.weight_hashes)}
         writer = SafetensorsWriter(tmp, planned, metadata, shard_size)
-        done = 0
-        for info in infos:
-            if info.name in merged.groups:
-                data = tensor_bytes(merged.compute(info.name).to(dtype_of[info.name]))
-            elif dtype_of[info.name] != info.dtype:
-                data = tensor_bytes(target.get(info.name).to(dtype_of[info.name]))
-            else:
-                data = target.raw(info.name)
-            writer.write(info.name, data)
-            done += info.nbytes
-            if progress:
-                progress(done, total)
-        files = writer.close()
+        try:
+            done = 0
+            for info in infos:
+                if info.name in merged.groups:
+                    data = tensor_bytes(merged.compute(info.name).to(dtype_of[info.name]))
+                elif dtype_of[info.name] != info.dtype:
+                    data = tensor_bytes(target.get(info.name).to(dtype_of[info.name]))
+                else:
+                    data = target.raw(info.name)
+                writer.write(info.name, data)
+                done += info.nbytes
+                if progress:
+                    progress(done, total)
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         for f in iter_copyable_files(target.root) if target.fmt != "beats" else ():
             shutil.copy2(f, tmp / f.name)
         if out_dtype is not None and (tmp / "config.json").is_file():

@@ -11,14 +11,18 @@ from typing import Any
 
 
 def versions() -> dict[str, str]:
-    import safetensors
-    import torch
-    import transformers
+    """Versions of what shaped the result (read from package metadata: no heavy imports)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from mamcli import __version__
 
-    return {"mam": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+    found = {"mam": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "safetensors", "numpy", "pot", "jiwer"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = "not installed"
+    return found
 
 
 def peak_rss_mib() -> float:

@@ -8,9 +8,11 @@ Outputs are read back with ``safe_open`` in the tests.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import shutil
 import signal
 import struct
@@ -88,7 +90,11 @@ def _header(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
 
 
 class SafetensorsWriter:
-    """Writes planned tensors in plan order across one or more shard files, hashing as it goes."""
+    """Writes planned tensors in plan order across one or more shard files.
+
+    Output hashes are computed on a second thread (hashlib and file writes both release the
+    GIL), and every file is fsynced before it counts as written.
+    """
 
     def __init__(self, directory: Path, tensors: list[OutTensor], metadata: dict[str, str],
                  shard_size: int | None = None, stem: str = "model") -> None:
@@ -98,13 +104,19 @@ class SafetensorsWriter:
         self.files = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors"
                                                             for k in range(n)]
         self.metadata = metadata
-        self.hashes: dict[str, str] = {}
-        self._queue = iter([(f, s) for f, s in zip(self.files, self.shards, strict=True)])
+        self._queue = iter(list(zip(self.files, self.shards, strict=True)))
         self._pending: list[OutTensor] = []
         self._fh: BinaryIO | None = None
-        self._hash = hashlib.sha256()
         self._file = ""
+        self._digests: dict[str, hashlib._Hash] = {}
+        self._to_hash: queue.Queue[tuple[str, bytes | memoryview] | None] = queue.Queue(maxsize=8)
+        self._hasher = threading.Thread(target=self._hash_loop, daemon=True)
+        self._hasher.start()
         self._advance()
+
+    def _hash_loop(self) -> None:
+        while (item := self._to_hash.get()) is not None:
+            self._digests.setdefault(item[0], hashlib.sha256()).update(item[1])
 
     def _advance(self) -> None:
         self._finish_file()
@@ -114,19 +126,19 @@ class SafetensorsWriter:
         self._file, shard = nxt
         self._pending = list(shard)
         self._fh = open(self.dir / self._file, "wb")  # noqa: SIM115 - closed in _finish_file
-        self._hash = hashlib.sha256()
         self._emit(_header(shard, self.metadata))
 
     def _emit(self, data: bytes | memoryview) -> None:
         assert self._fh is not None
         self._fh.write(data)
-        self._hash.update(data)
+        self._to_hash.put((self._file, data))
 
     def _finish_file(self) -> None:
         if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
-            self.hashes[self._file] = self._hash.hexdigest()
 
     def write(self, name: str, data: memoryview) -> None:
         while not self._pending and self._fh is not None:
@@ -145,12 +157,31 @@ class SafetensorsWriter:
             if self._pending:
                 raise RuntimeError(f"writer closed before {self._pending[0].name} was written")
             self._advance()
+        self._stop_hasher()
         if len(self.files) > 1:
             weight_map = {t.name: f for f, shard in zip(self.files, self.shards, strict=True) for t in shard}
             total = sum(t.nbytes for shard in self.shards for t in shard)
             index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
             (self.dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return self.hashes
+        return {f: self._digests[f].hexdigest() for f in self.files}
+
+    def _stop_hasher(self) -> None:
+        if self._hasher.is_alive():
+            self._to_hash.put(None)
+            self._hasher.join()
+
+    def abort(self) -> None:
+        """Stop after a failure; the caller deletes the temporary directory."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        while self._hasher.is_alive():  # drain so the hasher can see the stop marker
+            try:
+                self._to_hash.put(None, timeout=0.1)
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._to_hash.get_nowait()
+        self._hasher.join()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -187,6 +218,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
     try:
         yield tmp
+        fsync_dir(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.mam-old-{os.getpid()}")
             out.rename(old)
@@ -194,6 +226,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+        fsync_dir(out.parent)
     except _Terminated:
         shutil.rmtree(tmp, ignore_errors=True)
         raise KeyboardInterrupt from None
@@ -204,3 +237,12 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (new files, a rename) so a crash cannot lose them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -300,7 +300,7 @@ def test_map_lists_pairs_and_unmapped(tiny, mam):
     r = mam("map", src, tgt, "--format", "csv")
     assert r.code == 0, r.err
     lines = r.out.strip().splitlines()
-    assert lines[0].startswith("layer,source_layer,part,kind,lam,source,target,shape")
+    assert lines[0] == "layer,source_layer,part,kind,source,target,shape"
     assert len(lines) == 1 + 6
     assert "wavlm.encoder.layers.0.attention.out_proj.weight" not in r.out
     r = mam("map", src, tgt)
