@@ -79,18 +79,54 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    """sha256 of a file; for Hugging Face cache blobs the file name already is the sha256."""
+def cache_dir() -> Path:
+    """Where mam keeps small caches: $MAM_CACHE_DIR, else $XDG_CACHE_HOME/mam, else ~/.cache/mam."""
+    if os.environ.get("MAM_CACHE_DIR"):
+        return Path(os.environ["MAM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mam"
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20, use_cache: bool = True) -> str:
+    """sha256 of a weight file.
+
+    Hugging Face cache blobs are already named by their sha256. Other files are hashed once and
+    remembered by (path, size, mtime_ns, inode), as make and rsync decide that a file is unchanged,
+    so re-merging the same inputs (a λ sweep) does not re-read gigabytes. MAM_HASH_CACHE=0 turns
+    the memory off.
+    """
     real = Path(os.path.realpath(path))
     if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
         return real.name
+    st = real.stat()
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    use_cache = use_cache and os.environ.get("MAM_HASH_CACHE", "1") != "0"
+    store = cache_dir() / "sha256.json"
+    known: dict[str, str] = {}
+    if use_cache:
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if key in known:
+            return known[key]
     h = hashlib.sha256()
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(real, "rb") as f:
         while n := f.readinto(buf):
             h.update(view[:n])
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if use_cache:
+        known = {k: v for k, v in known.items() if Path(k.split("|")[0]).exists()}
+        known[key] = digest
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f".sha256.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(store)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    return digest
 
 
 @dataclass

@@ -371,6 +371,6 @@ def verify_dir(out: Path) -> dict[str, Any]:
     results = {}
     for name, digest in expected.items():
         path = out / name
-        actual = sha256_file(path) if path.is_file() else None
+        actual = sha256_file(path, use_cache=False) if path.is_file() else None
         results[name] = {"expected": digest, "actual": actual, "ok": actual == digest}
     return {"dir": str(out), "ok": all(r["ok"] for r in results.values()), "files": results}

@@ -16,6 +16,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 warnings.filterwarnings("ignore")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep mam's hash cache out of the user's home during tests."""
+    import os
+
+    os.environ["MAM_CACHE_DIR"] = str(tmp_path_factory.mktemp("mam-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``tiny(kind, **sizes)`` → path of a saved tiny model, built once per distinct request."""

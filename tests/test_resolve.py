@@ -92,3 +92,18 @@ def test_models_and_families_commands(mam):
     r = mam("families", "--format", "json")
     names = [f["family"] for f in json.loads(r.out)]
     assert names == ["bert", "distilbert", "vit", "wav2vec2", "whisper", "beats", "timm-vit"]
+
+
+def test_hash_cache_notices_changes(tmp_path):
+    import hashlib
+    import time
+
+    from mamcli.checkpoint import sha256_file
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    assert sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest()  # from the cache
+    time.sleep(0.01)
+    f.write_bytes(b"b" * 1000)  # same size, new mtime
+    assert sha256_file(f) == hashlib.sha256(b"b" * 1000).hexdigest()
