@@ -1,0 +1,260 @@
+"""Datasets and audio, shared by evaluate, rank-layers and finetune.
+
+A dataset is named on the command line as ``KIND:PATH`` (ljspeech, vctk, esc50, folders, fsdd)
+or as a manifest file (.csv, .tsv, .jsonl). Audio of any rate, channel count and common format
+is read with soundfile, mixed to mono and resampled with soxr to the model's rate.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from mamcli.errors import MamError
+
+KINDS = ("ljspeech", "vctk", "esc50", "folders", "fsdd", "manifest")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One clip: where it is, its transcript or label, and its fold or speaker where the corpus has one."""
+
+    id: str
+    path: Path
+    text: str | None = None
+    label: str | None = None
+    fold: int | None = None
+    speaker: str | None = None
+
+
+@dataclass
+class Dataset:
+    spec: str
+    kind: str
+    root: Path
+    items: list[Item]
+    text_field: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted({i.label for i in self.items if i.label is not None})
+
+    def describe(self) -> dict[str, object]:
+        return {"spec": self.spec, "kind": self.kind, "root": str(self.root.absolute()), "clips": len(self.items),
+                "text_field": self.text_field, "notes": self.notes}
+
+
+class AudioError(MamError):
+    """A clip that cannot be read; carries the clip's name."""
+
+
+def load_audio(path: Path, rate: int) -> np.ndarray:
+    """Mono float32 at ``rate``: channels averaged, resampled with soxr (high quality)."""
+    import soundfile as sf
+    import soxr
+
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, OSError…
+        raise AudioError(f"{path}: cannot read audio ({str(e).strip() or type(e).__name__})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: empty audio")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if sr != rate:
+        mono = soxr.resample(mono, sr, rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# ---- corpus readers ---------------------------------------------------------------------------
+
+def _find_audio(base: Path, stem: str) -> Path:
+    for suffix in AUDIO_SUFFIXES:
+        if (p := base / f"{stem}{suffix}").is_file():
+            return p
+    return base / f"{stem}.wav"  # reported as missing when read
+
+
+def _ljspeech(root: Path, text_field: str) -> list[Item]:
+    meta = root / "metadata.csv"
+    if not meta.is_file():
+        raise MamError(f"{root}: no metadata.csv (expected LJ Speech layout: metadata.csv and wavs/)")
+    items = []
+    with meta.open(encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE):
+            if len(row) < 2:
+                continue
+            text = row[2] if text_field == "normalized" and len(row) > 2 and row[2] else row[1]
+            items.append(Item(row[0], _find_audio(root / "wavs", row[0]), text=text, speaker="LJ"))
+    return items
+
+
+def _vctk(root: Path, mic: str) -> list[Item]:
+    txt = root / "txt"
+    if not txt.is_dir():
+        raise MamError(f"{root}: no txt/ folder (expected VCTK layout: txt/<spk>/*.txt and wav48*/<spk>/)")
+    audio_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("wav"))
+    items = []
+    for t in sorted(txt.glob("*/*.txt")):
+        spk, stem = t.parent.name, t.stem
+        candidates = [_find_audio(d / spk, name) for d in audio_dirs for name in (f"{stem}_{mic}", stem)]
+        path = next((c for c in candidates if c.is_file()), candidates[0] if candidates else t.with_suffix(".wav"))
+        items.append(Item(stem, path, text=t.read_text(encoding="utf-8").strip(), speaker=spk))
+    return items
+
+
+def _esc50(root: Path) -> list[Item]:
+    meta = root / "meta" / "esc50.csv"
+    if not meta.is_file():
+        raise MamError(f"{root}: no meta/esc50.csv (expected ESC-50 layout: meta/esc50.csv and audio/)")
+    with meta.open(encoding="utf-8") as f:
+        return [Item(Path(r["filename"]).stem, root / "audio" / r["filename"], label=r["category"],
+                     fold=int(r["fold"])) for r in csv.DictReader(f)]
+
+
+def _folders(root: Path) -> list[Item]:
+    """One folder per class (ESC-10: ``001 - Dog bark/1-100032-A.ogg``; fold = first digit of the name)."""
+    items = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = re.sub(r"^\d+\s*-\s*", "", d.name)
+        for f in sorted(p for p in d.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
+            m = re.match(r"(\d)-", f.name)
+            items.append(Item(f"{d.name}/{f.stem}", f, label=label, fold=int(m[1]) if m else None))
+    if not items:
+        raise MamError(f"{root}: no class folders with audio in them")
+    return items
+
+
+def _fsdd(root: Path) -> list[Item]:
+    """Free Spoken Digit Dataset: ``{digit}_{speaker}_{take}``; text is the digit's word, label the digit."""
+    items = []
+    for f in sorted(root.glob("*")):
+        m = re.fullmatch(r"(\d)_([a-z]+)_(\d+)", f.stem)
+        if m and f.suffix.lower() in AUDIO_SUFFIXES:
+            items.append(Item(f.stem, f, text=DIGITS[int(m[1])], label=m[1], speaker=m[2], fold=int(m[3])))
+    if not items:
+        raise MamError(f"{root}: no FSDD recordings named digit_speaker_take")
+    return items
+
+
+def _manifest(path: Path) -> list[Item]:
+    """CSV/TSV/JSONL with an audio column (audio, path, file, filename) and ``text`` or ``label``."""
+    if path.suffix == ".jsonl":
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except ValueError as e:
+            raise MamError(f"{path}: invalid JSON line ({e})") from None
+    else:
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    items = []
+    for n, r in enumerate(rows):
+        audio = next((r[k] for k in ("audio", "path", "file", "filename") if r.get(k)), None)
+        if audio is None:
+            raise MamError(f"{path}: row {n + 1} has no audio column (audio, path, file or filename)")
+        p = Path(audio) if Path(audio).is_absolute() else path.parent / audio
+        fold = r.get("fold")
+        items.append(Item(str(r.get("id") or Path(audio).stem), p, text=r.get("text"),
+                          label=None if r.get("label") is None else str(r["label"]),
+                          fold=int(fold) if fold not in (None, "") else None, speaker=r.get("speaker")))
+    return items
+
+
+def load_dataset(spec: str, text_field: str = "normalized", mic: str = "mic1") -> Dataset:
+    """Parse ``KIND:PATH`` or a manifest path into a :class:`Dataset` (clips are read later)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in KINDS:
+        kind, rest = "manifest", spec
+    path = Path(rest).expanduser()
+    if not path.exists():
+        raise MamError(f"dataset {spec!r}: {path} does not exist")
+    if kind == "manifest":
+        if path.suffix not in (".csv", ".tsv", ".jsonl"):
+            raise MamError(f"dataset {spec!r}: use KIND:PATH with KIND one of {', '.join(KINDS[:-1])}, "
+                           "or a .csv/.tsv/.jsonl manifest")
+        items = _manifest(path)
+    elif kind == "ljspeech":
+        items = _ljspeech(path, text_field)
+    elif kind == "vctk":
+        items = _vctk(path, mic)
+    elif kind == "esc50":
+        items = _esc50(path)
+    elif kind == "folders":
+        items = _folders(path)
+    else:
+        items = _fsdd(path)
+    if not items:
+        raise MamError(f"dataset {spec!r} holds no clips")
+    return Dataset(spec, kind, path, items, text_field if kind == "ljspeech" else None)
+
+
+# ---- splits --------------------------------------------------------------------------------------
+
+def _unit(seed: int, key: str) -> float:
+    """A stable number in [0, 1) per clip: splits do not move when clips are added or reordered."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") / 2**64
+
+
+def select(ds: Dataset, split: str = "all", dev_fraction: float = 0.1, seed: int = 0,
+           folds: list[int] | None = None, limit: int | None = None, fraction: float | None = None) -> Dataset:
+    """Pick clips: folds, then a seeded dev/test split by clip id, then an optional fraction and limit."""
+    if split not in ("all", "dev", "test"):
+        raise MamError(f"--split must be dev, test or all; got {split!r}")
+    if not 0.0 < dev_fraction < 1.0:
+        raise MamError(f"--dev-fraction must lie in (0, 1); got {dev_fraction}")
+    items = ds.items
+    if folds:
+        if all(i.fold is None for i in items):
+            raise MamError(f"dataset {ds.spec!r} has no folds")
+        items = [i for i in items if i.fold in folds]
+    if split != "all":
+        items = [i for i in items if (_unit(seed, i.id) < dev_fraction) == (split == "dev")]
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise MamError(f"--fraction must lie in (0, 1]; got {fraction}")
+        items = [i for i in items if _unit(seed + 1, i.id) < fraction]
+    items = sorted(items, key=lambda i: i.id)
+    if limit is not None:
+        if limit < 1:
+            raise MamError(f"--limit must be at least 1; got {limit}")
+        items = items[:limit]
+    if not items:
+        raise MamError(f"no clips left in {ds.spec!r} after the split/fold/limit selection")
+    return replace(ds, items=items)
+
+
+def parse_folds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise MamError(f"--folds takes a comma list of integers; got {text!r}") from None
+
+
+@dataclass
+class Clip:
+    item: Item
+    audio: np.ndarray
+
+
+def iter_clips(ds: Dataset, rate: int, strict: bool = False, bad: list[dict[str, str]] | None = None
+               ) -> Iterator[Clip]:
+    """Read clips one by one; an unreadable clip is reported by name in ``bad`` (fatal with ``strict``)."""
+    for item in ds.items:
+        try:
+            yield Clip(item, load_audio(item.path, rate))
+        except AudioError as e:
+            if strict:
+                raise
+            if bad is not None:
+                bad.append({"id": item.id, "path": str(item.path), "error": str(e)})
