@@ -142,6 +142,7 @@ class Checkpoint:
     revision: str | None = None
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     _state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _arch: Arch | None = field(default=None, repr=False)
 
     # ---- reading -------------------------------------------------------------------------
@@ -161,18 +162,18 @@ class Checkpoint:
             return self._state[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(self.raw(name), dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(bytearray(self.raw(name)), dtype=info.dtype).reshape(info.shape)
 
     def raw(self, name: str) -> memoryview:
         """The tensor's stored bytes, unchanged (what an untouched tensor is copied as)."""
         info = self.info(name)
         if info.start is not None and info.end is not None:
-            buf = bytearray(info.end - info.start)
-            with open(info.file, "rb") as f:
-                f.seek(info.start)
-                if f.readinto(buf) != len(buf):
-                    raise MamError(f"{info.file}: truncated while reading {name!r}")
-            return memoryview(buf)
+            if info.file not in self._fds:
+                self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            data = os.pread(self._fds[info.file], info.end - info.start, info.start)
+            if len(data) != info.end - info.start:
+                raise MamError(f"{info.file}: truncated while reading {name!r}")
+            return memoryview(data)
         t = self._state[name].contiguous()
         return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
@@ -196,6 +197,9 @@ class Checkpoint:
 
     def close(self) -> None:
         self._state.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

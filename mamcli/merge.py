@@ -209,8 +209,9 @@ def unmapped_attention(target: TensorStore, arch: Arch, options: MergeOptions) -
 # ---- the arithmetic -------------------------------------------------------------------------
 
 def interpolate(source: torch.Tensor, target: torch.Tensor, lam: float) -> torch.Tensor:
-    """Eq. 1 in float32: ``lam * s + (1 - lam) * t``."""
-    return lam * source.to(torch.float32) + (1.0 - lam) * target.to(torch.float32)
+    """Eq. 1 in float32: ``lam * s + (1 - lam) * t``, the same IEEE operations with one temporary fewer."""
+    merged = source.to(torch.float32).mul(lam)
+    return merged.add_(target.to(torch.float32).mul(1.0 - lam))
 
 
 def noise_seed(seed: int, key: str) -> int:
@@ -234,9 +235,9 @@ def noise_like(kind: str, source: torch.Tensor | None, target: torch.Tensor, see
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
-    denom = a64.norm() * b64.norm()
-    return float(a64 @ b64 / denom) if denom > 0 else 0.0
+    a32, b32 = a.reshape(-1).to(torch.float32), b.reshape(-1).to(torch.float32)
+    denom = float(a32.norm()) * float(b32.norm())
+    return float(torch.dot(a32, b32)) / denom if denom > 0 else 0.0
 
 
 def _rows(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
