@@ -22,6 +22,7 @@ from mamcli.tables import FORMATS, render
 if TYPE_CHECKING:
     import torch
 
+    from mamcli.data import Dataset
     from mamcli.families import Family
     from mamcli.merge import MergePlan
 
@@ -158,6 +159,82 @@ def _with_progress(work: Callable[[Callable[[int, int], None] | None], T], label
                   transient=True) as bar:
         task = bar.add_task(label, total=None)
         return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+DataOpt = Annotated[str, typer.Option("--data", help="ljspeech:PATH | vctk:PATH | esc50:PATH | folders:PATH | "
+                                                   "fsdd:PATH | manifest .csv/.tsv/.jsonl")]
+SplitOpt = Annotated[str, typer.Option("--split", help="dev | test | all.")]
+DevFracOpt = Annotated[float, typer.Option("--dev-fraction", help="Share of clips in the dev split.")]
+FoldsOpt = Annotated[str | None, typer.Option("--folds", help="Comma list of folds to use (ESC-50, ESC-10).")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use at most N clips (quick runs).")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="An unreadable clip is fatal.")]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="LJ Speech transcript: normalized | raw.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Clips per forward pass.")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
+
+
+def _dataset(data: str, split: str, dev_fraction: float, folds: str | None, limit: int | None, seed: int,
+             text_field: str, fraction: float | None = None) -> Dataset:
+    from mamcli.data import load_dataset, parse_folds, select
+
+    if text_field not in ("normalized", "raw"):
+        raise MamError(f"--text-field must be normalized or raw; got {text_field!r}")
+    return select(load_dataset(data, text_field), split, dev_fraction, seed, parse_folds(folds), limit, fraction)
+
+
+def _note(msg: str) -> None:
+    err.print(msg, markup=False)
+
+
+@app.command("rank-layers")
+def rank_cmd(
+    source: Annotated[str, typer.Argument(help="Source (text) model, with its tokenizer.")],
+    target: Annotated[str, typer.Argument(help="Target (speech) model, with its feature extractor.")],
+    data: DataOpt,
+    metric: Annotated[str, typer.Option("--metric", help="swd | euclidean | inner | all.")] = "swd",
+    fraction: Annotated[float | None, typer.Option("--fraction", help="Share of the data to use (paper: 0.1).")]
+    = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="How many layers to pick (default 8).")] = None,
+    n_projections: Annotated[int, typer.Option("--n-projections", help="SWD projections.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, fraction and SWD projections.")] = 0,
+    split: SplitOpt = "all",
+    dev_fraction: DevFracOpt = 0.1,
+    folds: FoldsOpt = None,
+    limit: LimitOpt = None,
+    strict: StrictOpt = False,
+    text_field: TextFieldOpt = "normalized",
+    batch_size: BatchOpt = 8,
+    layer_map: LayerMapOpt = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the JSON report here.")] = None,
+    fmt: FormatOpt = "table",
+    plot: PlotOpt = None,
+    arch_map: ArchMapOpt = None,
+) -> None:
+    """Rank layers by how alike the source's text and the target's speech representations are."""
+    from mamcli.checkpoint import resolve
+    from mamcli.rank import RankOptions, rank_layers, ranking_rows
+    from mamcli.report import dumps, write_json
+
+    _check_format(fmt)
+    opts = RankOptions(metric, top_k, n_projections, seed, batch_size, layer_map, strict)
+    opts.metrics()
+    ds = _dataset(data, split, dev_fraction, folds, limit, seed, text_field, fraction)
+    with resolve(source) as src, resolve(target) as tgt:
+        report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=_note)
+    for b in report["bad_clips"]:
+        _note(f"skipped unreadable clip {b['id']}: {b['error']}")
+    if out is not None:
+        write_json(out, report)
+    if plot is not None:
+        from mamcli.plots import line_plot
+
+        layers = list(range(len(report["layer_map"])))
+        line_plot({m: (layers, r["scores"]) for m, r in report["metrics"].items()}, "target layer", "score",
+                  "per-layer similarity", plot)
+    rows = ranking_rows(report)
+    sys.stdout.write(render(rows, fmt) if fmt != "json" else dumps(report))
+    for m, r in report["metrics"].items():
+        _note(f"{m} ({r['orientation']}): top {report['top_k']} layers {','.join(map(str, r['top_k']))}")
 
 
 @app.command("map")

@@ -64,6 +64,8 @@ class Family:
     hidden_keys: tuple[str, ...]
     heads_keys: tuple[str, ...]
     markers: tuple[str, ...] = ()
+    # modules before the first layer whose output no merge changes (cached across sweep points)
+    frontend: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Family:
@@ -87,6 +89,7 @@ class Family:
                 hidden_keys=tuple(d.get("hidden_keys", ("hidden_size",))),
                 heads_keys=tuple(d.get("heads_keys", ("num_attention_heads",))),
                 markers=tuple(d.get("markers", ())),
+                frontend=tuple(d.get("frontend", ())),
             )
         except (KeyError, TypeError) as e:
             raise MamError(f"architecture map is missing field {e}") from None
@@ -140,6 +143,7 @@ FAMILIES: tuple[Family, ...] = (
                        "o": "attention.o_proj"},
             ),
         ),
+        frontend=("embeddings",),
         **_BERT_KEYS,
     ),
     Family(
@@ -150,6 +154,7 @@ FAMILIES: tuple[Family, ...] = (
             parts={"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
                    "o": "attention.out_proj"},
         ),),
+        frontend=("feature_extractor",),
         **_BERT_KEYS,
     ),
     Family(
@@ -210,6 +215,9 @@ class Arch:
 
     def fused_part(self, part: str) -> bool:
         return part not in self.layout.parts and self.layout.fused is not None
+
+    def layer_module(self, i: int) -> str:
+        return f"{self.prefix}{self.layout.layer.format(i=i)}"
 
     def attention_prefix(self, i: int) -> str:
         return f"{self.prefix}{self.layout.layer.format(i=i)}.{self.layout.attention}."

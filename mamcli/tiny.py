@@ -18,14 +18,15 @@ import torch
 CTC_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
 
 
-def _speech(cls: str, hidden: int, layers: int, heads: int) -> Any:
+def _speech(cls: str, hidden: int, layers: int, heads: int, stable: bool = False) -> Any:
+    """``stable``: HuBERT-large's layout (pre-norm layers, layer-normed conv front end)."""
     import transformers
 
     return getattr(transformers, cls)(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
         conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2, vocab_size=len(CTC_VOCAB), pad_token_id=0, ctc_loss_reduction="mean",
-        do_stable_layer_norm=False, feat_extract_norm="group")
+        do_stable_layer_norm=stable, feat_extract_norm="layer" if stable else "group")
 
 
 def _text(cls: str, hidden: int, layers: int, heads: int) -> Any:
@@ -55,6 +56,7 @@ KINDS: dict[str, tuple[str, Any]] = {
         "ASTConfig", h, n, a, max_length=100, num_mel_bins=128, patch_size=16, frequency_stride=16, time_stride=16,
         num_labels=10)),
     "hubert-ctc": ("HubertForCTC", lambda h, n, a: _speech("HubertConfig", h, n, a)),
+    "hubert-ctc-stable": ("HubertForCTC", lambda h, n, a: _speech("HubertConfig", h, n, a, stable=True)),
     "wav2vec2-ctc": ("Wav2Vec2ForCTC", lambda h, n, a: _speech("Wav2Vec2Config", h, n, a)),
     "wavlm-ctc": ("WavLMForCTC", lambda h, n, a: _speech("WavLMConfig", h, n, a)),
     "data2vec-audio-ctc": ("Data2VecAudioForCTC", lambda h, n, a: _speech("Data2VecAudioConfig", h, n, a)),
@@ -85,9 +87,24 @@ def save_tiny(kind: str, path: str | Path, hidden: int = 32, layers: int = 2, he
     model = model.to(dtype)
     kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
-    if kind.endswith("-ctc"):
+    if "-ctc" in kind:
         save_ctc_processor(path)
+    if kind in ("bert", "bert-model", "distilbert"):
+        save_wordpiece_tokenizer(path)
     return path
+
+
+# lower-case characters as WordPiece tokens: any English transcript tokenizes without [UNK]
+TEXT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz.,'-",
+              *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz")]
+
+
+def save_wordpiece_tokenizer(path: Path) -> None:
+    """A real BERT tokenizer over a character vocabulary (fits the tiny models' 64-token embedding)."""
+    from transformers import BertTokenizer
+
+    (path / "vocab.txt").write_text("\n".join(TEXT_VOCAB) + "\n")
+    BertTokenizer(str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
 
 
 def save_ctc_processor(path: Path) -> None:

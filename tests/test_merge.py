@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import transformers
+
 from helpers import load_dir, same_bytes
 
 QKV = ("q", "k", "v")

@@ -1,0 +1,147 @@
+"""Data-driven layer choice: compare the source's and target's per-layer representations of paired data.
+
+Which hidden state: ``hidden_states[i + 1]`` of both models, i.e. the output of Transformer block
+``i`` (attention and feed-forward), for every block i. Pooling: the mean over valid positions only
+(audio frames inside the clip's true length, via the model's own frame-length formula; text tokens
+with attention_mask = 1, [CLS]/[SEP] included). Only pooled vectors are kept, batch by batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mamcli.checkpoint import Checkpoint
+from mamcli.data import Dataset, iter_clips
+from mamcli.errors import MamError
+from mamcli.families import FAMILIES, Family
+from mamcli.layers import parse_layer_map
+from mamcli.merge import check_compatible
+from mamcli.metrics import ORIENTATION, RANK_METRICS, layer_scores, ranking
+from mamcli.models import AudioModel, TextModel, load_audio_model, load_text_model
+from mamcli.report import peak_rss_mib, versions
+
+HIDDEN_STATE = "hidden_states[i + 1]: the output of Transformer block i (after attention and feed-forward)"
+POOLING = "mean over valid positions: audio frames within the clip's length, text tokens with attention_mask=1"
+
+
+@dataclass
+class RankOptions:
+    metric: str = "swd"
+    top_k: int | None = None  # default: min(8, number of target layers)
+    n_projections: int = 200
+    seed: int = 0
+    batch_size: int = 8
+    layer_map: str | None = None
+    strict: bool = False
+
+    def metrics(self) -> tuple[str, ...]:
+        if self.metric == "all":
+            return RANK_METRICS
+        if self.metric not in RANK_METRICS:
+            raise MamError(f"--metric must be one of {', '.join(RANK_METRICS)} or all; got {self.metric!r}")
+        return (self.metric,)
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def pooled_audio(am: AudioModel, clips: list[Any], batch_size: int) -> dict[str, np.ndarray]:
+    """Clip id → (layers, hidden) pooled vectors of the audio model."""
+    out: dict[str, np.ndarray] = {}
+    for batch in am.batches(clips, batch_size):
+        inputs = am.inputs([c.audio for c in batch])
+        hs = am.model(**inputs, output_hidden_states=True).hidden_states[1:]
+        mask = am.frame_mask(inputs, hs[0].shape[1])
+        pooled = torch.stack([_pool(h, mask) for h in hs], 1)
+        out.update({c.item.id: pooled[k].float().numpy() for k, c in enumerate(batch)})
+    return out
+
+
+@torch.no_grad()
+def pooled_text(tm: TextModel, texts: dict[str, str], batch_size: int) -> dict[str, np.ndarray]:
+    """Clip id → (layers, hidden) pooled vectors of the text model, on the clip's transcript."""
+    out: dict[str, np.ndarray] = {}
+    ids = sorted(texts, key=lambda k: (len(texts[k]), k))
+    limit = getattr(tm.tokenizer, "model_max_length", 512)
+    limit = min(limit if isinstance(limit, int) and limit < 100_000 else 512,
+                getattr(tm.model.config, "max_position_embeddings", 512))
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s:s + batch_size]
+        enc = tm.tokenizer([texts[k] for k in chunk], padding=True, truncation=True, max_length=limit,
+                           return_tensors="pt")
+        hs = tm.model(**enc, output_hidden_states=True).hidden_states[1:]
+        pooled = torch.stack([_pool(h, enc["attention_mask"]) for h in hs], 1)
+        out.update({k: pooled[n].float().numpy() for n, k in enumerate(chunk)})
+    return out
+
+
+def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankOptions,
+                families: tuple[Family, ...] = FAMILIES,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Score every target layer against its source layer and rank them, best first, per metric."""
+    started = time.perf_counter()
+    metrics = opts.metrics()
+    src_arch, tgt_arch = source.arch(families), target.arch(families)
+    notes = check_compatible(src_arch, tgt_arch, source.spec, target.spec)
+    layer_map = parse_layer_map(opts.layer_map, src_arch.num_layers, tgt_arch.num_layers)
+    top_k = min(8, tgt_arch.num_layers) if opts.top_k is None else opts.top_k
+    if not 1 <= top_k <= tgt_arch.num_layers:
+        raise MamError(f"--top-k must lie in 1..{tgt_arch.num_layers}; got {top_k}")
+    missing_text = [i.id for i in ds.items if not i.text]
+    if missing_text:
+        raise MamError(f"rank-layers needs transcripts: {len(missing_text)} clip(s) have none (e.g. {missing_text[0]})")
+    am = load_audio_model(target, "encode")
+    tm = load_text_model(source)
+    bad: list[dict[str, str]] = []
+    if progress:
+        progress(f"reading {len(ds.items)} clips")
+    clips = list(iter_clips(ds, am.rate, opts.strict, bad))
+    if len(clips) < 2:
+        raise MamError(f"rank-layers needs at least 2 readable clips; got {len(clips)}")
+    if progress:
+        progress("encoding audio")
+    audio = pooled_audio(am, clips, opts.batch_size)
+    if progress:
+        progress("encoding text")
+    text = pooled_text(tm, {c.item.id: c.item.text or "" for c in clips}, opts.batch_size)
+    ids = sorted(audio)
+    a = np.stack([audio[k] for k in ids])  # (pairs, target layers, hidden)
+    t = np.stack([text[k] for k in ids])   # (pairs, source layers, hidden)
+    results: dict[str, Any] = {}
+    for metric in metrics:
+        scores = [layer_scores(a[:, i], t[:, layer_map[i]], metric, opts.n_projections, opts.seed)
+                  for i in range(tgt_arch.num_layers)]
+        order, rank = ranking(scores, metric)
+        results[metric] = {"orientation": ORIENTATION[metric], "scores": scores, "rank": rank, "order": order,
+                           "top_k": sorted(order[:top_k])}
+    return {
+        "command": "rank-layers",
+        "inputs": {"source": {**source.describe(), "family": src_arch.family.name},
+                   "target": {**target.describe(), "family": tgt_arch.family.name}, "data": ds.describe()},
+        "hidden_state": HIDDEN_STATE, "pooling": POOLING, "layer_map": layer_map,
+        "primary_metric": metrics[0], "top_k": top_k, "n_projections": opts.n_projections, "seed": opts.seed,
+        "metrics": results, "samples": ids, "bad_clips": bad, "notes": notes,
+        "versions": versions(), "wall_time_s": round(time.perf_counter() - started, 3),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def ranking_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target layer: its source layer, then score and rank per metric."""
+    rows = []
+    for i, j in enumerate(report["layer_map"]):
+        row: dict[str, Any] = {"layer": i, "source_layer": j}
+        for metric, r in report["metrics"].items():
+            row[metric] = r["scores"][i]
+            row[f"{metric}_rank"] = r["rank"][i]
+        rows.append(row)
+    return rows
