@@ -171,6 +171,7 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="An unreadable clip is
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="LJ Speech transcript: normalized | raw.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Clips per forward pass.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr (warnings still show).")]
 
 
 def _dataset(data: str, split: str, dev_fraction: float, folds: str | None, limit: int | None, seed: int,
@@ -209,6 +210,7 @@ def rank_cmd(
     fmt: FormatOpt = "table",
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Rank layers by how alike the source's text and the target's speech representations are."""
     from mamcli.checkpoint import resolve
@@ -220,7 +222,7 @@ def rank_cmd(
     opts.metrics()
     ds = _dataset(data, split, dev_fraction, folds, limit, seed, text_field, fraction)
     with resolve(source) as src, resolve(target) as tgt:
-        report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=_note)
+        report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=None if quiet else _note)
     for b in report["bad_clips"]:
         _note(f"skipped unreadable clip {b['id']}: {b['error']}")
     if out is not None:
@@ -233,8 +235,110 @@ def rank_cmd(
                   "per-layer similarity", plot)
     rows = ranking_rows(report)
     sys.stdout.write(render(rows, fmt) if fmt != "json" else dumps(report))
-    for m, r in report["metrics"].items():
+    for m, r in report["metrics"].items() if not quiet else ():
         _note(f"{m} ({r['orientation']}): top {report['top_k']} layers {','.join(map(str, r['top_k']))}")
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MamError(f"{what} takes a comma list of numbers; got {text!r}") from None
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    target: Annotated[str, typer.Argument(help="Speech (CTC) or audio-event model to evaluate.")],
+    data: DataOpt,
+    task: Annotated[str, typer.Option("--task", help="asr | aec | auto (from the model's head).")] = "auto",
+    source: Annotated[str | None, typer.Option("--source", help="Source model for a λ sweep.")] = None,
+    lam: Annotated[str, typer.Option("--lam", help="Comma list of λ, e.g. 0,0.05,0.1.")] = "0",
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers merged at each point.")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", help="Sweep consecutive blocks of N layers.")] = None,
+    noise: Annotated[str | None, typer.Option("--noise", help="Noise columns: source,target,normal.")] = None,
+    noise_only: Annotated[bool, typer.Option("--noise-only", help="Only the noise columns, no source.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the noise.")] = 0,
+    parts: PartsOpt = "q,k,v",
+    bias: BiasOpt = False,
+    layer_map: LayerMapOpt = None,
+    split: SplitOpt = "all",
+    pick_on_dev: Annotated[bool, typer.Option("--pick-on-dev", help="Sweep on dev, report the best point on test.")]
+    = False,
+    dev_fraction: DevFracOpt = 0.1,
+    folds: FoldsOpt = None,
+    limit: LimitOpt = None,
+    strict: StrictOpt = False,
+    text_field: TextFieldOpt = "normalized",
+    normalizer: Annotated[str, typer.Option("--normalizer", help="Text normaliser: basic | none.")] = "basic",
+    label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
+    = None,
+    batch_size: BatchOpt = 8,
+    fmt: FormatOpt = "table",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the full JSON report here.")] = None,
+    plot: PlotOpt = None,
+    arch_map: ArchMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Word error rate (CTC ASR) or classification error (audio events), optionally over a merge sweep."""
+    import time
+
+    from mamcli.checkpoint import resolve
+    from mamcli.evaluate import EvalOptions, Evaluator, SweepOptions, best_point, evaluate_report, sweep
+    from mamcli.report import write_json
+
+    started = time.perf_counter()
+    _check_format(fmt)
+    opts = EvalOptions(task, normalizer, batch_size, strict, label_map)
+    sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
+                      noises=[n.strip() for n in noise.split(",")] if noise else [], with_source=not noise_only,
+                      seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map)
+    families = _families(arch_map)
+    if pick_on_dev and split != "all":
+        raise MamError("--pick-on-dev makes its own dev/test split; leave --split out")
+    with ExitStack() as stack:
+        tgt = stack.enter_context(resolve(target))
+        src = stack.enter_context(resolve(source)) if source else None
+        first = "dev" if pick_on_dev else split
+        ds = _dataset(data, first, dev_fraction, folds, limit, seed, text_field)
+        note = None if quiet else _note
+        ev = Evaluator(tgt, ds, opts, progress=note)
+        result = sweep(ev, src, sw, families, progress=note)
+        rows = [{"split": first, **r} for r in result["table"]]
+        if pick_on_dev:
+            best = best_point(result["points"])
+            if note:
+                note(f"best on dev: layers {best['layers']}, λ = {best['lam']}, {best['column']}; evaluating on test")
+            test_ds = _dataset(data, "test", dev_fraction, folds, limit, seed, text_field)
+            test_ev = Evaluator(tgt, test_ds, opts, progress=note)
+            one = SweepOptions(lams=[best["lam"]], layers=best["layers"], noises=[best["noise"]] if best.get("noise")
+                               else [], with_source=best["column"] == (src.spec if src else None), seed=seed,
+                               parts=_parts(parts), bias=bias, layer_map=layer_map)
+            test = sweep(test_ev, src if best["lam"] > 0 else None, one, families)
+            result = {"dev": result, "best_on_dev": best, "test": test}
+            rows += [{"split": "test", **r} for r in test["table"]]
+        report = evaluate_report(tgt, ds, ev, result, started, src)
+    for b in ev.bad:
+        _note(f"skipped unreadable clip {b['id']}: {b['error']}")
+    if out is not None:
+        write_json(out, report)
+    if plot is not None:
+        _plot_sweep(result["dev"] if pick_on_dev else result, plot)
+    sys.stdout.write(render(rows, fmt, title="error by λ (rel.red. = relative error reduction vs λ = 0)"))
+
+
+def _plot_sweep(result: dict[str, Any], path: Path) -> None:
+    from mamcli.plots import line_plot
+
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    base = result["baseline"]["error"]
+    for p in result["points"]:
+        if p["column"] == "target":
+            continue
+        name = f"{p['column']} (layers {p['layers']})"
+        xs, ys = series.setdefault(name, ([0.0], [base]))
+        xs.append(p["lam"])
+        ys.append(p["error"])
+    line_plot(series, "λ", "error", "error against λ", path)
 
 
 @app.command("map")

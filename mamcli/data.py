@@ -44,6 +44,11 @@ class Dataset:
     items: list[Item]
     text_field: str | None = None
     notes: list[str] = field(default_factory=list)
+    all_labels: list[str] = field(default_factory=list)  # of the whole corpus, kept through selection
+
+    def __post_init__(self) -> None:
+        if not self.all_labels:
+            self.all_labels = self.labels
 
     @property
     def labels(self) -> list[str]:

@@ -24,7 +24,7 @@ def _speech(cls: str, hidden: int, layers: int, heads: int, stable: bool = False
 
     return getattr(transformers, cls)(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
-        conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+        conv_dim=(16, 16, 16, 16), conv_stride=(5, 4, 4, 4), conv_kernel=(10, 4, 4, 4), num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2, vocab_size=len(CTC_VOCAB), pad_token_id=0, ctc_loss_reduction="mean",
         do_stable_layer_norm=stable, feat_extract_norm="layer" if stable else "group")
 
@@ -91,6 +91,8 @@ def save_tiny(kind: str, path: str | Path, hidden: int = 32, layers: int = 2, he
         save_ctc_processor(path)
     if kind in ("bert", "bert-model", "distilbert"):
         save_wordpiece_tokenizer(path)
+    if kind == "ast":
+        transformers.ASTFeatureExtractor(num_mel_bins=128, max_length=100, sampling_rate=16000).save_pretrained(path)
     return path
 
 

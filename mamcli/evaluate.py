@@ -1,0 +1,263 @@
+"""Evaluation: WER/CER of CTC speech models and error of audio-event models, for one model or a sweep.
+
+A sweep evaluates every (layers, λ, source-or-noise) point on one loaded target: only the merged
+Q/K/V tensors are swapped in and out, the feature extractor runs once per clip, and the outputs of
+everything before the first merged layer are computed once per batch and replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mamcli.checkpoint import Checkpoint
+from mamcli.data import Clip, Dataset, iter_clips
+from mamcli.errors import MamError
+from mamcli.families import FAMILIES, Family
+from mamcli.layers import parse_layers
+from mamcli.merge import NOISE_KINDS, MergeOptions, TensorStore
+from mamcli.metrics import asr_scores, classification_scores, describe_normaliser, normaliser
+from mamcli.models import AudioModel, InMemoryMerger, ModelStore, PrefixCache, detect_task, load_audio_model
+from mamcli.report import peak_rss_mib, versions
+
+
+@dataclass
+class EvalOptions:
+    task: str = "auto"
+    normalizer: str = "basic"
+    batch_size: int = 8
+    strict: bool = False
+    label_map: Path | None = None
+
+
+@dataclass
+class SweepOptions:
+    lams: list[float] = field(default_factory=lambda: [0.0])
+    layers: str | None = None
+    blocks: int | None = None
+    noises: list[str] = field(default_factory=list)
+    with_source: bool = True
+    seed: int = 0
+    parts: tuple[str, ...] = ("q", "k", "v")
+    bias: bool = False
+    layer_map: str | None = None
+
+    def layer_sets(self, num_layers: int) -> list[tuple[str, list[int]]]:
+        """(label, layers) per block: ``--blocks N`` cuts the depth into consecutive blocks of N."""
+        if self.blocks is not None and self.layers is not None:
+            raise MamError("--layers and --blocks do not mix")
+        if self.blocks is not None:
+            if not 1 <= self.blocks <= num_layers:
+                raise MamError(f"--blocks must lie in 1..{num_layers}; got {self.blocks}")
+            return [(f"{s}-{min(s + self.blocks, num_layers) - 1}", list(range(s, min(s + self.blocks, num_layers))))
+                    for s in range(0, num_layers, self.blocks)]
+        layers = parse_layers(self.layers, num_layers)
+        return [(self.layers or "all", layers)]
+
+
+def _norm_label(s: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", s).strip().lower()
+
+
+def match_labels(dataset_labels: list[str], id2label: dict[int, str], label_map: Path | None) -> dict[str, str]:
+    """Model label → dataset label, by normalised name or an explicit ``{dataset: model}`` JSON map."""
+    model_labels = [str(v) for v in id2label.values()]
+    if label_map is not None:
+        try:
+            mapping = json.loads(Path(label_map).read_text())
+        except FileNotFoundError:
+            raise MamError(f"label map {label_map} does not exist") from None
+        except ValueError as e:
+            raise MamError(f"label map {label_map}: invalid JSON ({e})") from None
+        if not isinstance(mapping, dict):
+            raise MamError(f"label map {label_map}: expected an object {{dataset label: model label}}")
+        unknown = [m for m in mapping.values() if m not in model_labels]
+        if unknown:
+            raise MamError(f"label map {label_map} names model labels that do not exist: {', '.join(unknown[:5])}")
+    else:
+        by_name = {_norm_label(m): m for m in model_labels}
+        mapping = {d: by_name[_norm_label(d)] for d in dataset_labels if _norm_label(d) in by_name}
+    missing = [d for d in dataset_labels if d not in mapping]
+    if missing:
+        raise MamError(f"{len(missing)} dataset label(s) match no model label (e.g. {missing[0]!r}); "
+                       "give --label-map FILE with {\"dataset label\": \"model label\"}")
+    return {m: d for d, m in mapping.items()}
+
+
+class Evaluator:
+    """One loaded model and one set of clips, evaluated as often as a sweep needs."""
+
+    def __init__(self, target: Checkpoint, ds: Dataset, opts: EvalOptions,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.opts = opts
+        self.ds = ds
+        self.task = detect_task(target.config) if opts.task == "auto" else opts.task
+        if self.task not in ("asr", "aec"):
+            raise MamError(f"--task must be asr, aec or auto; got {opts.task!r}")
+        normaliser(opts.normalizer)  # fail early on a bad name
+        self.am: AudioModel = load_audio_model(target, self.task)
+        if self.task == "asr" and any(not i.text for i in ds.items):
+            raise MamError(f"dataset {ds.spec!r} has clips without transcripts; ASR needs text")
+        if self.task == "aec":
+            if any(i.label is None for i in ds.items):
+                raise MamError(f"dataset {ds.spec!r} has clips without labels; audio events need labels")
+            self.to_dataset = match_labels(ds.all_labels, self.am.model.config.id2label, opts.label_map)
+        self.bad: list[dict[str, str]] = []
+        if progress:
+            progress(f"reading {len(ds.items)} clips at {self.am.rate} Hz")
+        clips = list(iter_clips(ds, self.am.rate, opts.strict, self.bad))
+        if not clips:
+            raise MamError(f"no readable clip in {ds.spec!r}")
+        self.batches: list[list[Clip]] = list(self.am.batches(clips, opts.batch_size))
+        self.inputs = [self.am.inputs([c.audio for c in b]) for b in self.batches]  # features once per clip
+        self.store = ModelStore(self.am.model, target.spec)
+        self.cache: PrefixCache | None = None
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def predict(self) -> dict[str, str]:
+        """Clip id → hypothesis (ASR) or dataset label (audio events), using the prefix cache if set."""
+        started = time.perf_counter()
+        out: dict[str, str] = {}
+        model = self.am.model
+        for k, (batch, inputs) in enumerate(zip(self.batches, self.inputs, strict=True)):
+            if self.cache is None:
+                logits = model(**inputs).logits
+            elif k in self.cache.store:
+                with self.cache.replay(k):
+                    logits = model(**inputs).logits
+            else:
+                with self.cache.record(k):
+                    logits = model(**inputs).logits
+            ids = logits.argmax(-1)
+            if self.task == "asr":
+                texts = self.am.tokenizer.batch_decode(ids)
+            else:
+                id2label = model.config.id2label
+                texts = [self.to_dataset.get(str(id2label[int(i)]), str(id2label[int(i)])) for i in ids]
+            out.update({c.item.id: t for c, t in zip(batch, texts, strict=True)})
+        self.seconds += time.perf_counter() - started
+        return out
+
+    def score(self, preds: dict[str, str]) -> dict[str, Any]:
+        items = [c.item for b in self.batches for c in b]
+        items.sort(key=lambda i: i.id)
+        if self.task == "asr":
+            refs = [i.text or "" for i in items]
+            hyps = [preds[i.id] for i in items]
+            scores = asr_scores(refs, hyps, self.opts.normalizer)
+            scores["error"] = scores["wer"]
+            scores["utterances"] = [{"id": i.id, "reference": r, "hypothesis": h} for i, r, h in
+                                    zip(items, refs, hyps, strict=True)]
+        else:
+            scores = classification_scores([i.label or "" for i in items], [preds[i.id] for i in items])
+            scores["clips_detail"] = [{"id": i.id, "label": i.label, "predicted": preds[i.id]} for i in items]
+        return scores
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.score(self.predict())
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"task": self.task, "rate": self.am.rate, "batch_size": self.opts.batch_size,
+                                "padding_safe_batching": self.am.padding_safe, "clips": sum(map(len, self.batches)),
+                                "bad_clips": self.bad}
+        if self.task == "asr":
+            info["normalizer"] = {"name": self.opts.normalizer, "steps": describe_normaliser(self.opts.normalizer),
+                                  "text_field": self.ds.text_field}
+        return info
+
+
+def _summary(scores: dict[str, Any]) -> dict[str, Any]:
+    keys = ("error", "wer", "cer", "substitutions", "insertions", "deletions", "accuracy")
+    return {k: scores[k] for k in keys if k in scores}
+
+
+def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
+          families: tuple[Family, ...] = FAMILIES,
+          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate the target (λ = 0) and every merge point; returns the paper-style table and details."""
+    for lam in opts.lams:
+        if not 0.0 <= lam <= 1.0:
+            raise MamError(f"λ must lie in [0, 1], got {lam}")
+    bad_noise = [n for n in opts.noises if n not in NOISE_KINDS]
+    if bad_noise:
+        raise MamError(f"--noise takes a comma list of {', '.join(NOISE_KINDS)}; got {bad_noise[0]!r}")
+    arch = ev.store.arch(families)
+    sets = opts.layer_sets(arch.num_layers)
+    lams = sorted({lam for lam in opts.lams if lam > 0})
+    if source is None and lams and not (opts.noises and not opts.with_source):
+        raise MamError("a sweep with λ > 0 needs --source (or --noise-only with --noise target|normal)")
+    if source is None and "source" in opts.noises:
+        raise MamError("--noise source takes its statistics from --source; give one")
+    columns: list[tuple[str, str | None]] = ([(source.spec, None)] if source and opts.with_source else [])
+    columns += [(f"noise:{n}", n) for n in opts.noises]
+    points = [(label, layers, lam, col, noise) for label, layers in sets for lam in lams for col, noise in columns]
+    donor: TensorStore = source if source is not None else ev.store  # target/normal noise only need shapes
+    merger = InMemoryMerger(ev.store, families)
+    plans = []
+    for label, _, lam, _, noise in points:  # plan everything first: bad input fails before any work
+        o = MergeOptions(lam=lam, layers=label, parts=opts.parts, bias=opts.bias, noise=noise, seed=opts.seed,
+                         layer_map=opts.layer_map)
+        plans.append(merger.plan(donor, o))
+    first = min((min(p.lams) for p in plans if p.lams), default=0)
+    ev.cache = PrefixCache(ev.am.model, arch, first) if plans else None
+    if progress:
+        progress(f"baseline (λ = 0), then {len(points)} merge point(s)")
+    base = ev.evaluate()
+    base_t = ev.seconds
+    results = [{"layers": None, "lam": 0.0, "column": "target", "seconds": round(base_t, 3), **_summary(base)}]
+    details = {"target": base}
+    for n, ((label, _, lam, col, noise), plan) in enumerate(zip(points, plans, strict=True)):
+        if progress:
+            progress(f"[{n + 1}/{len(points)}] layers {label}, λ = {lam}, {col}")
+        before = ev.seconds
+        with merger.applied(donor, plan):
+            scores = ev.evaluate()
+        key = f"{label}|{lam}|{col}"
+        details[key] = scores
+        results.append({"layers": label, "lam": lam, "column": col, "noise": noise,
+                        "seconds": round(ev.seconds - before, 3), **_summary(scores)})
+    return {"baseline": _summary(base), "points": results, "details": details,
+            "table": paper_table(results, [c for c, _ in columns]) if columns else
+            [{"layers": "-", "lam": 0.0, **_summary(base)}], "first_merged_layer": first,
+            "timing": {"baseline_s": round(base_t, 3), "total_s": round(ev.seconds, 3)}}
+
+
+def paper_table(points: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
+    """One row per (layers, λ), one error column per source/noise, plus relative error reduction vs λ = 0."""
+    base = next(p["error"] for p in points if p["column"] == "target")
+    rows: list[dict[str, Any]] = [{"layers": "-", "lam": 0.0, **dict.fromkeys(columns, base)}]
+    index: dict[tuple[str, float], dict[str, Any]] = {}
+    for p in points:
+        if p["column"] == "target":
+            continue
+        row = index.setdefault((p["layers"], p["lam"]), {"layers": p["layers"], "lam": p["lam"]})
+        row[p["column"]] = p["error"]
+    for row in index.values():
+        for c in columns:
+            if c in row:
+                row[f"{c} rel.red."] = (base - row[c]) / base if base else 0.0
+        rows.append(row)
+    return rows
+
+
+def best_point(points: list[dict[str, Any]], column: str | None = None) -> dict[str, Any]:
+    """Lowest error (ties: smaller λ, earlier layers); λ = 0 competes too."""
+    pool = [p for p in points if column is None or p["column"] in (column, "target")]
+    return min(pool, key=lambda p: (p["error"], p["lam"], str(p["layers"])))
+
+
+def evaluate_report(target: Checkpoint, ds: Dataset, ev: Evaluator, result: dict[str, Any], started: float,
+                    source: Checkpoint | None = None) -> dict[str, Any]:
+    return {"command": "evaluate", "inputs": {"target": target.describe(),
+                                              "source": source.describe() if source else None,
+                                              "data": ds.describe()},
+            "evaluation": ev.describe(), **result, "versions": versions(),
+            "wall_time_s": round(time.perf_counter() - started, 3), "peak_rss_mib": peak_rss_mib()}

@@ -1,0 +1,150 @@
+"""evaluate: jiwer-equal scores, sweep points equal written checkpoints, labels, bad clips, dev/test."""
+
+from __future__ import annotations
+
+import json
+
+import jiwer
+import pytest
+
+from conftest import SHARED
+from mamcli.metrics import asr_scores, classification_scores
+
+LJ = f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1"
+ESC10 = f"folders:{SHARED}/esc10/ESC-10"
+
+
+def test_wer_cer_equal_jiwer_on_known_strings():
+    refs = ["The cat sat on the mat.", "Hello, World!", "a b c d"]
+    hyps = ["the cat sat on mat", "hello word", "a x c d e"]
+    got = asr_scores(refs, hyps, "basic")
+    norm = ["the cat sat on the mat", "hello world", "a b c d"]
+    assert got["wer"] == jiwer.wer(norm, hyps)
+    assert got["cer"] == jiwer.cer(norm, hyps)
+    out = jiwer.process_words(norm, hyps)
+    assert (got["substitutions"], got["insertions"], got["deletions"]) == (out.substitutions, out.insertions,
+                                                                           out.deletions)
+    assert (got["substitutions"], got["insertions"], got["deletions"]) == (2, 1, 1)
+    assert got["wer"] == pytest.approx(4 / 12)
+    raw = asr_scores(["Hello, World!"], ["hello world"], "none")
+    assert raw["wer"] == 1.0
+
+
+def test_classification_scores():
+    s = classification_scores(["dog", "dog", "rain", "rain"], ["dog", "rain", "rain", "rain"])
+    assert s["error"] == 0.25 and s["accuracy"] == 0.75
+    assert s["confusion"] == {"dog": {"dog": 1, "rain": 1}, "rain": {"rain": 2}}
+
+
+def test_sweep_point_equals_merged_checkpoint(tiny, mam, tmp_path):
+    src, tgt = tiny("bert", layers=4), tiny("hubert-ctc", layers=4)
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "5", "--source", src, "--lam", "0,0.3", "--layers", "2-3",
+            "--noise", "normal", "-o", tmp_path / "sweep.json", "--format", "csv")
+    assert r.code == 0, r.err
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["first_merged_layer"] == 2
+    assert r.out.splitlines()[0] == f"split,layers,lam,{src},noise:normal,{src} rel.red.,noise:normal rel.red."
+    for column, extra in ((str(src), []), ("noise:normal", ["--noise", "normal"])):
+        out = tmp_path / column.replace("/", "_").replace(":", "_")
+        assert mam("merge", src, tgt, "--lam", "0.3", "--layers", "2-3", *extra, "-o", out, "-q").code == 0
+        r = mam("evaluate", out, "--data", LJ, "--limit", "5", "-o", tmp_path / "one.json")
+        assert r.code == 0, r.err
+        single = json.loads((tmp_path / "one.json").read_text())
+        point = sweep["details"][f"2-3|0.3|{column}"]
+        assert point["utterances"] == single["details"]["target"]["utterances"]
+        assert point["wer"] == single["baseline"]["wer"] and point["cer"] == single["baseline"]["cer"]
+    # the baseline row of the sweep equals evaluating the target alone
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "5", "-o", tmp_path / "base.json")
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert base["details"]["target"]["utterances"] == sweep["details"]["target"]["utterances"]
+
+
+def test_blocks_and_table(tiny, mam, tmp_path):
+    src, tgt = tiny("bert", layers=4), tiny("hubert-ctc", layers=4)
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "3", "--source", src, "--lam", "0,0.2,0.4", "--blocks", "2",
+            "--format", "json", "--plot", tmp_path / "p.png")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)
+    assert [(x["layers"], x["lam"]) for x in rows] == [("-", 0.0), ("0-1", 0.2), ("0-1", 0.4), ("2-3", 0.2),
+                                                       ("2-3", 0.4)]
+    base = rows[0][str(src)]
+    for x in rows[1:]:
+        assert x[f"{src} rel.red."] == pytest.approx((base - x[str(src)]) / base)
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_audio_events_with_label_map_and_names(tiny, mam, tmp_path):
+    import shutil
+
+    ast = tmp_path / "ast"
+    shutil.copytree(tiny("ast", layers=2), ast)
+    classes = sorted(p.name.split(" - ", 1)[1] for p in (SHARED / "esc10/ESC-10").iterdir())
+    (tmp_path / "map.json").write_text(json.dumps({c: f"LABEL_{i}" for i, c in enumerate(classes)}))
+    r = mam("evaluate", ast, "--data", ESC10, "--folds", "1", "--limit", "6", "-o", tmp_path / "a.json")
+    assert r.code == 1 and "--label-map" in r.err
+    r = mam("evaluate", ast, "--data", ESC10, "--folds", "1", "--limit", "6", "--label-map", tmp_path / "map.json",
+            "-o", tmp_path / "a.json")
+    assert r.code == 0, r.err
+    a = json.loads((tmp_path / "a.json").read_text())["details"]["target"]
+    assert a["clips"] == 6 and 0.0 <= a["error"] <= 1.0
+    assert all(d["label"] in classes for d in a["clips_detail"])
+    # by name: the model's labels are spelled differently (underscores, case)
+    cfg = json.loads((ast / "config.json").read_text())
+    cfg["id2label"] = {str(i): c.lower().replace(" ", "_") for i, c in enumerate(classes)}
+    cfg["label2id"] = {v: int(k) for k, v in cfg["id2label"].items()}
+    (ast / "config.json").write_text(json.dumps(cfg))
+    r = mam("evaluate", ast, "--data", ESC10, "--folds", "1", "--limit", "6", "-o", tmp_path / "b.json")
+    assert r.code == 0, r.err
+    b = json.loads((tmp_path / "b.json").read_text())["details"]["target"]
+    assert [d["predicted"] for d in b["clips_detail"]] == [d["predicted"] for d in a["clips_detail"]]
+
+
+def test_bad_clips_are_named_and_strict_is_fatal(tiny, mam, tmp_path):
+    good = sorted((SHARED / "fsdd/recordings").glob("*_jackson_0.flac"))[:2]
+    (tmp_path / "bad.wav").write_bytes(b"garbage")
+    rows = [{"audio": str(p), "text": "one"} for p in good] + [{"audio": "bad.wav", "text": "two"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tgt = tiny("hubert-ctc", layers=2)
+    r = mam("evaluate", tgt, "--data", tmp_path / "m.jsonl", "-o", tmp_path / "r.json")
+    assert r.code == 0, r.err
+    assert "skipped unreadable clip bad" in r.err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert [b["id"] for b in rep["evaluation"]["bad_clips"]] == ["bad"] and rep["evaluation"]["clips"] == 2
+    r = mam("evaluate", tgt, "--data", tmp_path / "m.jsonl", "--strict", "-q")
+    assert r.code == 1 and r.err.count("\n") == 1 and r.err.startswith("mam: error: ") and "bad.wav" in r.err
+
+
+def test_pick_on_dev_reports_best_on_test(tiny, mam, tmp_path):
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    r = mam("evaluate", tgt, "--data", f"fsdd:{SHARED}/fsdd/recordings", "--limit", "6", "--dev-fraction", "0.5",
+            "--source", src, "--lam", "0,0.5", "--pick-on-dev", "-o", tmp_path / "r.json", "--format", "csv")
+    assert r.code == 0, r.err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    best = rep["best_on_dev"]
+    dev_errors = [p["error"] for p in rep["dev"]["points"]]
+    assert best["error"] == min(dev_errors)
+    assert {x.split(",")[0] for x in r.out.strip().splitlines()[1:]} == {"dev", "test"}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lam", "0,0.1"], "needs --source"),
+    (["--lam", "0.1", "--noise", "source", "--noise-only"], "--source"),
+    (["--lam", "x"], "--lam"), (["--task", "tts"], "--task"),
+    (["--normalizer", "fancy"], "--normalizer"), (["--split", "train"], "--split"),
+])
+def test_evaluate_errors(args, needle, tiny, mam):
+    r = mam("evaluate", tiny("hubert-ctc", layers=2), "--data", LJ, "--limit", "2", "-q", *args)
+    assert r.code != 0 and needle in r.err and r.err.count("\n") == 1, r.err
+
+
+def test_plain_evaluation_and_noise_only_sweep(tiny, mam):
+    tgt = tiny("hubert-ctc", layers=2)
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "2", "-q", "--format", "csv")
+    assert r.code == 0, r.err
+    header, _ = r.out.strip().splitlines()
+    assert header == "split,layers,lam,error,wer,cer,substitutions,insertions,deletions"
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "2", "-q", "--format", "json", "--lam", "0,0.5",
+            "--noise", "target,normal", "--noise-only")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)
+    assert [x["lam"] for x in rows] == [0.0, 0.5] and {"noise:target", "noise:normal"} <= rows[1].keys()
