@@ -171,6 +171,7 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="An unreadable clip is
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="LJ Speech transcript: normalized | raw.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Clips per forward pass.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr (warnings still show).")]
 
 
@@ -210,6 +211,7 @@ def rank_cmd(
     fmt: FormatOpt = "table",
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
+    device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
     """Rank layers by how alike the source's text and the target's speech representations are."""
@@ -218,7 +220,7 @@ def rank_cmd(
     from mamcli.report import dumps, write_json
 
     _check_format(fmt)
-    opts = RankOptions(metric, top_k, n_projections, seed, batch_size, layer_map, strict)
+    opts = RankOptions(metric, top_k, n_projections, seed, batch_size, layer_map, strict, device)
     opts.metrics()
     ds = _dataset(data, split, dev_fraction, folds, limit, seed, text_field, fraction)
     with resolve(source) as src, resolve(target) as tgt:
@@ -277,6 +279,7 @@ def evaluate_cmd(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the full JSON report here.")] = None,
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
+    device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
 ) -> None:
     """Word error rate (CTC ASR) or classification error (audio events), optionally over a merge sweep."""
@@ -288,7 +291,7 @@ def evaluate_cmd(
 
     started = time.perf_counter()
     _check_format(fmt)
-    opts = EvalOptions(task, normalizer, batch_size, strict, label_map)
+    opts = EvalOptions(task, normalizer, batch_size, strict, label_map, device)
     sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
                       noises=[n.strip() for n in noise.split(",")] if noise else [], with_source=not noise_only,
                       seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map)

@@ -35,6 +35,7 @@ class EvalOptions:
     batch_size: int = 8
     strict: bool = False
     label_map: Path | None = None
+    device: str = "cpu"
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Evaluator:
         if self.task not in ("asr", "aec"):
             raise MamError(f"--task must be asr, aec or auto; got {opts.task!r}")
         normaliser(opts.normalizer)  # fail early on a bad name
-        self.am: AudioModel = load_audio_model(target, self.task)
+        self.am: AudioModel = load_audio_model(target, self.task, opts.device)
         if self.task == "asr" and any(not i.text for i in ds.items):
             raise MamError(f"dataset {ds.spec!r} has clips without transcripts; ASR needs text")
         if self.task == "aec":
@@ -121,7 +122,7 @@ class Evaluator:
         self.cache: PrefixCache | None = None
         self.seconds = 0.0
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self) -> dict[str, str]:
         """Clip id → hypothesis (ASR) or dataset label (audio events), using the prefix cache if set."""
         started = time.perf_counter()

@@ -154,7 +154,7 @@ FAMILIES: tuple[Family, ...] = (
             parts={"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
                    "o": "attention.out_proj"},
         ),),
-        frontend=("feature_extractor",),
+        frontend=("feature_extractor", "feature_projection", "encoder.pos_conv_embed"),
         **_BERT_KEYS,
     ),
     Family(

@@ -265,9 +265,10 @@ class MergedTensors:
         noise, seed = self.plan.options.noise, self.plan.options.seed
         for p in pairs:
             t = _rows(t_full, p.target_rows)
-            s_real = None if noise in ("target", "normal") else _rows(self._source(p.source), p.source_rows)
+            s_real = None if noise in ("target", "normal") else \
+                _rows(self._source(p.source), p.source_rows).to(t.device)
             key = f"{p.layer}.{p.part}.{p.kind}"
-            s = s_real if noise is None else noise_like(noise, s_real, t, seed, key)
+            s = s_real if noise is None else noise_like(noise, s_real, t.cpu(), seed, key).to(t.device)
             assert s is not None
             merged = interpolate(s, t, p.lam)
             self.stats.append({"target": p.target, "source": p.source if noise is None else f"noise:{noise}",

@@ -66,7 +66,8 @@ class AudioModel:
         if "return_attention_mask" in self._sig:
             kwargs["return_attention_mask"] = self.takes_mask
         feats = self.features(audio, **kwargs)
-        return {k: v for k, v in feats.items() if k in ("input_values", "input_features", "attention_mask")}
+        return {k: v.to(self.model.device) for k, v in feats.items()
+                if k in ("input_values", "input_features", "attention_mask")}
 
     def batches(self, clips: list[Clip], batch_size: int) -> Iterator[list[Clip]]:
         """Length-sorted batches; a model that padding would change only batches equal lengths."""
@@ -85,17 +86,31 @@ class AudioModel:
         mask = inputs.get("attention_mask")
         lengths_fn = getattr(self.model, "_get_feat_extract_output_lengths", None)
         if mask is None or lengths_fn is None:
-            return torch.ones(next(iter(inputs.values())).shape[0], frames, dtype=torch.bool)
+            first = next(iter(inputs.values()))
+            return torch.ones(first.shape[0], frames, dtype=torch.bool, device=first.device)
         lengths = lengths_fn(mask.sum(-1)).clamp(max=frames)
-        return torch.arange(frames)[None, :] < lengths[:, None]
+        return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def load_audio_model(ckpt: Checkpoint, task: str) -> AudioModel:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable device is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MamError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MamError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def load_audio_model(ckpt: Checkpoint, task: str, device: str = "cpu") -> AudioModel:
     """Load with the target's own classes: CTC for ``asr``, audio classification for ``aec``, base for ``encode``."""
     tf = _transformers()
     cls = {"asr": tf.AutoModelForCTC, "aec": tf.AutoModelForAudioClassification, "encode": tf.AutoModel}[task]
     try:
-        model = cls.from_pretrained(ckpt.root).eval()
+        model = cls.from_pretrained(ckpt.root).eval().to(resolve_device(device))
         features = tf.AutoFeatureExtractor.from_pretrained(ckpt.root)
         tokenizer = tf.AutoTokenizer.from_pretrained(ckpt.root) if task == "asr" else None
     except (OSError, ValueError, KeyError) as e:
@@ -116,10 +131,10 @@ class TextModel:
     tokenizer: Any
 
 
-def load_text_model(ckpt: Checkpoint) -> TextModel:
+def load_text_model(ckpt: Checkpoint, device: str = "cpu") -> TextModel:
     tf = _transformers()
     try:
-        return TextModel(ckpt, tf.AutoModel.from_pretrained(ckpt.root).eval(),
+        return TextModel(ckpt, tf.AutoModel.from_pretrained(ckpt.root).eval().to(resolve_device(device)),
                          tf.AutoTokenizer.from_pretrained(ckpt.root))
     except (OSError, ValueError, KeyError) as e:
         raise MamError(f"{ckpt.spec}: cannot load as a text model with its tokenizer "

@@ -39,6 +39,7 @@ class RankOptions:
     batch_size: int = 8
     layer_map: str | None = None
     strict: bool = False
+    device: str = "cpu"
 
     def metrics(self) -> tuple[str, ...]:
         if self.metric == "all":
@@ -62,7 +63,7 @@ def pooled_audio(am: AudioModel, clips: list[Any], batch_size: int) -> dict[str,
         hs = am.model(**inputs, output_hidden_states=True).hidden_states[1:]
         mask = am.frame_mask(inputs, hs[0].shape[1])
         pooled = torch.stack([_pool(h, mask) for h in hs], 1)
-        out.update({c.item.id: pooled[k].float().numpy() for k, c in enumerate(batch)})
+        out.update({c.item.id: pooled[k].float().cpu().numpy() for k, c in enumerate(batch)})
     return out
 
 
@@ -77,10 +78,10 @@ def pooled_text(tm: TextModel, texts: dict[str, str], batch_size: int) -> dict[s
     for s in range(0, len(ids), batch_size):
         chunk = ids[s:s + batch_size]
         enc = tm.tokenizer([texts[k] for k in chunk], padding=True, truncation=True, max_length=limit,
-                           return_tensors="pt")
+                           return_tensors="pt").to(tm.model.device)
         hs = tm.model(**enc, output_hidden_states=True).hidden_states[1:]
         pooled = torch.stack([_pool(h, enc["attention_mask"]) for h in hs], 1)
-        out.update({k: pooled[n].float().numpy() for n, k in enumerate(chunk)})
+        out.update({k: pooled[n].float().cpu().numpy() for n, k in enumerate(chunk)})
     return out
 
 
@@ -99,8 +100,8 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
     missing_text = [i.id for i in ds.items if not i.text]
     if missing_text:
         raise MamError(f"rank-layers needs transcripts: {len(missing_text)} clip(s) have none (e.g. {missing_text[0]})")
-    am = load_audio_model(target, "encode")
-    tm = load_text_model(source)
+    am = load_audio_model(target, "encode", opts.device)
+    tm = load_text_model(source, opts.device)
     bad: list[dict[str, str]] = []
     if progress:
         progress(f"reading {len(ds.items)} clips")

@@ -148,3 +148,9 @@ def test_plain_evaluation_and_noise_only_sweep(tiny, mam):
     assert r.code == 0, r.err
     rows = json.loads(r.out)
     assert [x["lam"] for x in rows] == [0.0, 0.5] and {"noise:target", "noise:normal"} <= rows[1].keys()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
+def test_unavailable_device_is_one_line(tiny, mam):
+    r = mam("evaluate", tiny("hubert-ctc", layers=2), "--data", LJ, "--limit", "1", "-q", "--device", "cuda")
+    assert r.code == 1 and r.err == "mam: error: --device cuda: CUDA is not available on this machine\n"
