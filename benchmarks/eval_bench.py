@@ -1,12 +1,14 @@
 """Evaluation speed: mam's batched path against the transformers ASR pipeline, and a sweep against N runs.
 
 Models are random (nothing can be downloaded) but shaped like real ones; speed does not depend on
-the weights. The target has HuBERT-large's layout (stable layer norm, attention mask) at base
-width: 768 wide, 12 layers. Clips: the shared LJ Speech subset (22.05 kHz, resampled to 16 kHz).
+the weights. The target has HuBERT-large's layout (stable layer norm, attention mask, the real
+7-layer 512-channel convolutional front end) at base width: 768 wide, 12 layers.
+Clips: the shared LJ Speech subset (22.05 kHz, resampled to 16 kHz).
 
-1. throughput: the same decoded clips through (a) mam's length-sorted batches with attention
-   masks and (b) ``pipeline("automatic-speech-recognition")`` one clip at a time, as it runs by
-   default; both greedy CTC, both from already-decoded audio, model already loaded.
+1. throughput: the same decoded clips through (a) mam's path at batch sizes 1 (its CPU default)
+   and 8 (length-sorted, attention masks) and (b) ``pipeline("automatic-speech-recognition")``
+   one clip at a time, as it runs by default; both greedy CTC, from already-decoded audio, with
+   the model already loaded.
 2. sweep: N λ points on layers 8-11 (past the middle) in one ``sweep`` call (baseline included)
    against N separate evaluations (each: load the model, read the clips, evaluate), merge time
    not even counted for the separate runs.
@@ -31,6 +33,20 @@ SHARED = HERE.parent.parent / "shared" / "data"
 LJ = f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1"
 
 
+def make_target(path: Path) -> None:
+    """HuBERT-CTC with the real convolutional front end (7 layers, 512 channels) at base width."""
+    import transformers
+
+    from mamcli.tiny import CTC_VOCAB, save_ctc_processor
+
+    cfg = transformers.HubertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                    intermediate_size=3072, do_stable_layer_norm=True, feat_extract_norm="layer",
+                                    vocab_size=len(CTC_VOCAB), pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.HubertForCTC(cfg).save_pretrained(path)
+    save_ctc_processor(path)
+
+
 def main() -> None:
     from mamcli.checkpoint import resolve
     from mamcli.data import iter_clips, load_dataset, select
@@ -42,9 +58,9 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=24)
     ap.add_argument("--points", type=int, default=5)
     args = ap.parse_args()
-    tgt_dir, src_dir = WORK / "eval-hubert-768-stable", WORK / "eval-bert-768"
+    tgt_dir, src_dir = WORK / "eval-hubert-768-realconv", WORK / "eval-bert-768"
     if not (tgt_dir / "model.safetensors").is_file():
-        save_tiny("hubert-ctc-stable", tgt_dir, hidden=768, layers=12, heads=12)
+        make_target(tgt_dir)
     if not (src_dir / "model.safetensors").is_file():
         save_tiny("bert", src_dir, hidden=768, layers=12, heads=12)
     ds = select(load_dataset(LJ), limit=args.clips)
@@ -55,14 +71,17 @@ def main() -> None:
         clips = list(iter_clips(ds, am.rate))
         audio_s = sum(len(c.audio) for c in clips) / am.rate
         # (a) mam: length-sorted batches
-        t0 = time.perf_counter()
-        ours: dict[str, str] = {}
-        with torch.no_grad():
-            for batch in am.batches(clips, 8):
-                inputs = am.inputs([c.audio for c in batch])
-                ids = am.model(**inputs).logits.argmax(-1)
-                ours.update({c.item.id: t for c, t in zip(batch, am.tokenizer.batch_decode(ids), strict=True)})
-        mam_s = time.perf_counter() - t0
+        timings: dict[int, float] = {}
+        for bs in (8, 1):  # batch 1 last: its hypotheses are compared with the pipeline's
+            t0 = time.perf_counter()
+            ours: dict[str, str] = {}
+            with torch.inference_mode():
+                for batch in am.batches(clips, bs):
+                    inputs = am.inputs([c.audio for c in batch])
+                    ids = am.model(**inputs).logits.argmax(-1)
+                    ours.update({c.item.id: t for c, t in zip(batch, am.tokenizer.batch_decode(ids), strict=True)})
+            timings[bs] = time.perf_counter() - t0
+        mam_s = timings[1]
         # (b) the transformers pipeline, same model object and processor
         from transformers import pipeline
 
@@ -75,7 +94,7 @@ def main() -> None:
         print(f"throughput: mam {mam_s:.1f} s, pipeline {pipe_s:.1f} s for {len(clips)} clips", file=sys.stderr)
 
         lams = [round(0.05 * (k + 1), 2) for k in range(args.points)]
-        opts = EvalOptions(batch_size=8)
+        opts = EvalOptions()
         t0 = time.perf_counter()
         single = Evaluator(tgt, ds, opts)
         single.evaluate()
@@ -89,9 +108,9 @@ def main() -> None:
 
     report = {
         "benchmark": "evaluate", "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
-        "model": "HuBERT-CTC layout, stable layer norm, 768 wide, 12 layers, random weights",
+        "model": "HuBERT-CTC, stable layer norm, real conv front end, 768 wide, 12 layers, random weights",
         "clips": len(clips), "audio_seconds": round(audio_s, 1),
-        "throughput": {"mam_s": round(mam_s, 3), "pipeline_s": round(pipe_s, 3),
+        "throughput": {"mam_s": round(mam_s, 3), "mam_batch8_s": round(timings[8], 3), "pipeline_s": round(pipe_s, 3),
                        "mam_over_pipeline_speed": round(pipe_s / mam_s, 3),
                        "identical_hypotheses": f"{same}/{len(ours)}"},
         "sweep": {"points": args.points, "layers": "8-11", "sweep_s": round(sweep_s, 3),

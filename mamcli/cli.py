@@ -169,7 +169,7 @@ FoldsOpt = Annotated[str | None, typer.Option("--folds", help="Comma list of fol
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use at most N clips (quick runs).")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="An unreadable clip is fatal.")]
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="LJ Speech transcript: normalized | raw.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Clips per forward pass.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Clips per forward (default: 1 on CPU, 8 on GPU).")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr (warnings still show).")]
@@ -205,7 +205,7 @@ def rank_cmd(
     limit: LimitOpt = None,
     strict: StrictOpt = False,
     text_field: TextFieldOpt = "normalized",
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = None,
     layer_map: LayerMapOpt = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the JSON report here.")] = None,
     fmt: FormatOpt = "table",
@@ -274,7 +274,7 @@ def evaluate_cmd(
     normalizer: Annotated[str, typer.Option("--normalizer", help="Text normaliser: basic | none.")] = "basic",
     label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
     = None,
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = None,
     fmt: FormatOpt = "table",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the full JSON report here.")] = None,
     plot: PlotOpt = None,

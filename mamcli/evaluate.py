@@ -24,7 +24,15 @@ from mamcli.families import FAMILIES, Family
 from mamcli.layers import parse_layers
 from mamcli.merge import NOISE_KINDS, MergeOptions, TensorStore
 from mamcli.metrics import asr_scores, classification_scores, describe_normaliser, normaliser
-from mamcli.models import AudioModel, InMemoryMerger, ModelStore, PrefixCache, detect_task, load_audio_model
+from mamcli.models import (
+    AudioModel,
+    InMemoryMerger,
+    ModelStore,
+    PrefixCache,
+    default_batch_size,
+    detect_task,
+    load_audio_model,
+)
 from mamcli.report import peak_rss_mib, versions
 
 
@@ -32,7 +40,7 @@ from mamcli.report import peak_rss_mib, versions
 class EvalOptions:
     task: str = "auto"
     normalizer: str = "basic"
-    batch_size: int = 8
+    batch_size: int | None = None  # default: 1 on CPU, 8 on an accelerator
     strict: bool = False
     label_map: Path | None = None
     device: str = "cpu"
@@ -116,7 +124,8 @@ class Evaluator:
         clips = list(iter_clips(ds, self.am.rate, opts.strict, self.bad))
         if not clips:
             raise MamError(f"no readable clip in {ds.spec!r}")
-        self.batches: list[list[Clip]] = list(self.am.batches(clips, opts.batch_size))
+        self.batch_size = opts.batch_size or default_batch_size(self.am.model)
+        self.batches: list[list[Clip]] = list(self.am.batches(clips, self.batch_size))
         self.inputs = [self.am.inputs([c.audio for c in b]) for b in self.batches]  # features once per clip
         self.store = ModelStore(self.am.model, target.spec)
         self.cache: PrefixCache | None = None
@@ -166,7 +175,7 @@ class Evaluator:
         return self.score(self.predict())
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"task": self.task, "rate": self.am.rate, "batch_size": self.opts.batch_size,
+        info: dict[str, Any] = {"task": self.task, "rate": self.am.rate, "batch_size": self.batch_size,
                                 "padding_safe_batching": self.am.padding_safe, "clips": sum(map(len, self.batches)),
                                 "bad_clips": self.bad}
         if self.task == "asr":

@@ -105,6 +105,12 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def default_batch_size(model: Any) -> int:
+    """CPU: one clip at a time (measured: padding and batched convolutions cost more than they save
+    on a few cores, benchmarks/eval_bench.py); accelerators: 8 length-sorted clips."""
+    return 1 if model.device.type == "cpu" else 8
+
+
 def load_audio_model(ckpt: Checkpoint, task: str, device: str = "cpu") -> AudioModel:
     """Load with the target's own classes: CTC for ``asr``, audio classification for ``aec``, base for ``encode``."""
     tf = _transformers()

@@ -23,7 +23,7 @@ from mamcli.families import FAMILIES, Family
 from mamcli.layers import parse_layer_map
 from mamcli.merge import check_compatible
 from mamcli.metrics import ORIENTATION, RANK_METRICS, layer_scores, ranking
-from mamcli.models import AudioModel, TextModel, load_audio_model, load_text_model
+from mamcli.models import AudioModel, TextModel, default_batch_size, load_audio_model, load_text_model
 from mamcli.report import peak_rss_mib, versions
 
 HIDDEN_STATE = "hidden_states[i + 1]: the output of Transformer block i (after attention and feed-forward)"
@@ -36,7 +36,7 @@ class RankOptions:
     top_k: int | None = None  # default: min(8, number of target layers)
     n_projections: int = 200
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | None = None  # default: 1 on CPU, 8 on an accelerator
     layer_map: str | None = None
     strict: bool = False
     device: str = "cpu"
@@ -110,10 +110,10 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
         raise MamError(f"rank-layers needs at least 2 readable clips; got {len(clips)}")
     if progress:
         progress("encoding audio")
-    audio = pooled_audio(am, clips, opts.batch_size)
+    audio = pooled_audio(am, clips, opts.batch_size or default_batch_size(am.model))
     if progress:
         progress("encoding text")
-    text = pooled_text(tm, {c.item.id: c.item.text or "" for c in clips}, opts.batch_size)
+    text = pooled_text(tm, {c.item.id: c.item.text or "" for c in clips}, opts.batch_size or 8)
     ids = sorted(audio)
     a = np.stack([audio[k] for k in ids])  # (pairs, target layers, hidden)
     t = np.stack([text[k] for k in ids])   # (pairs, source layers, hidden)
