@@ -29,3 +29,17 @@ echo "== Eq. 2: layers 1-2 only, noise baseline with the source's statistics" >&
 
 echo "== verify the output against its report (mam verify)" >&2
 "$mam" verify "$work/merged" > /dev/null && echo "verified $work/merged" >&2
+
+lj="$(dirname "$0")/../../shared/data/ljspeech-385/LJSpeech-1.1"
+if [ -d "$lj" ]; then
+  echo "== which layers look alike on paired LJ Speech audio/text (mam rank-layers)" >&2
+  "$mam" rank-layers "$work/bert" "$work/hubert-ctc" --data "ljspeech:$lj" --limit 16 --metric all \
+    --top-k 2 -o "$work/ranking.json" -q --format tsv
+  echo "== λ sweep on the top-2 SWD layers against noise, WER on 8 clips (mam evaluate)" >&2
+  "$mam" evaluate "$work/hubert-ctc" --data "ljspeech:$lj" --limit 8 --source "$work/bert" \
+    --lam 0,0.1,0.2 --layers "top:2:$work/ranking.json:swd" --noise normal -q --format tsv \
+    -o "$work/evaluate.json"
+  echo "(random tiny models: the numbers show the plumbing, not the method's gains)" >&2
+else
+  echo "(no ../shared/data here: skipping rank-layers and evaluate)" >&2
+fi
