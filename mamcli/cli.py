@@ -344,6 +344,64 @@ def _plot_sweep(result: dict[str, Any], path: Path) -> None:
     line_plot(series, "λ", "error", "error against λ", path)
 
 
+@app.command("finetune")
+def finetune_cmd(
+    target: Annotated[str, typer.Argument(help="Speech (CTC) or audio-event model to fine-tune.")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory (checkpoint, lams.json, report).")],
+    task: Annotated[str, typer.Option("--task", help="asr | aec | auto.")] = "auto",
+    source: Annotated[str | None, typer.Option("--source", help="Source model: MAM or L-MAM.")] = None,
+    learnable_lam: Annotated[bool, typer.Option("--learnable-lam", help="L-MAM: learn λ per layer.")] = False,
+    lam_init: Annotated[float | None, typer.Option("--lam-init", help="Fixed λ (MAM) or starting λ (L-MAM).")]
+    = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers merged (default: all).")] = None,
+    per_part: Annotated[bool, typer.Option("--per-part", help="Separate λ for Q, K and V.")] = False,
+    parts: PartsOpt = "q,k,v",
+    epochs: Annotated[int, typer.Option("--epochs")] = 1,
+    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-5 for ASR, 1e-3 for audio events.")]
+    = None,
+    lam_lr: Annotated[float, typer.Option("--lam-lr", help="Learning rate of the λ logits.")] = 1e-2,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
+    warmup: Annotated[int, typer.Option("--warmup", help="Linear warm-up steps.")] = 0,
+    freeze_feature_encoder: Annotated[bool, typer.Option("--freeze-feature-encoder")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop (resumably) after N steps.")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in DIR.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over in an existing DIR.")] = False,
+    dev_fraction: DevFracOpt = 0.1,
+    folds: FoldsOpt = None,
+    limit: LimitOpt = None,
+    text_field: TextFieldOpt = "normalized",
+    normalizer: Annotated[str, typer.Option("--normalizer", help="basic | none.")] = "basic",
+    device: DeviceOpt = "cpu",
+    arch_map: ArchMapOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune the target: plain, after MAM (--source --lam-init), or with learned λ (--learnable-lam)."""
+    from mamcli.checkpoint import resolve
+    from mamcli.finetune import FinetuneOptions, finetune
+    from mamcli.models import detect_task
+    from mamcli.report import dumps
+
+    with ExitStack() as stack:
+        tgt = stack.enter_context(resolve(target))
+        src = stack.enter_context(resolve(source)) if source else None
+        kind = detect_task(tgt.config) if task == "auto" else task
+        opts = FinetuneOptions(task=kind, lam_init=lam_init, learnable_lam=learnable_lam, layers=layers,
+                               per_part=per_part, parts=_parts(parts), epochs=epochs,
+                               lr=lr if lr is not None else (1e-5 if kind == "asr" else 1e-3), lam_lr=lam_lr,
+                               batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
+                               freeze_feature_encoder=freeze_feature_encoder, seed=seed, max_steps=max_steps,
+                               checkpoint_every=checkpoint_every, device=device, normalizer=normalizer)
+        train = _dataset(data, "test", dev_fraction, folds, limit, seed, text_field)
+        dev = _dataset(data, "dev", dev_fraction, folds, limit, seed, text_field)
+        report = finetune(tgt, train, dev, opts, out, src, resume=resume, force=force,
+                          families=_families(arch_map), progress=None if quiet else _note)
+    sys.stdout.write(dumps(report))
+
+
 @app.command("map")
 def map_cmd(
     source: Annotated[str, typer.Argument(help="Source model.")],

@@ -104,14 +104,14 @@ class Evaluator:
     """One loaded model and one set of clips, evaluated as often as a sweep needs."""
 
     def __init__(self, target: Checkpoint, ds: Dataset, opts: EvalOptions,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, am: AudioModel | None = None) -> None:
         self.opts = opts
         self.ds = ds
         self.task = detect_task(target.config) if opts.task == "auto" else opts.task
         if self.task not in ("asr", "aec"):
             raise MamError(f"--task must be asr, aec or auto; got {opts.task!r}")
         normaliser(opts.normalizer)  # fail early on a bad name
-        self.am: AudioModel = load_audio_model(target, self.task, opts.device)
+        self.am: AudioModel = am or load_audio_model(target, self.task, opts.device)
         if self.task == "asr" and any(not i.text for i in ds.items):
             raise MamError(f"dataset {ds.spec!r} has clips without transcripts; ASR needs text")
         if self.task == "aec":
@@ -137,6 +137,8 @@ class Evaluator:
         started = time.perf_counter()
         out: dict[str, str] = {}
         model = self.am.model
+        was_training = model.training
+        model.eval()  # no dropout while scoring, also mid-training
         for k, (batch, inputs) in enumerate(zip(self.batches, self.inputs, strict=True)):
             if self.cache is None:
                 logits = model(**inputs).logits
@@ -153,6 +155,7 @@ class Evaluator:
                 id2label = model.config.id2label
                 texts = [self.to_dataset.get(str(id2label[int(i)]), str(id2label[int(i)])) for i in ids]
             out.update({c.item.id: t for c, t in zip(batch, texts, strict=True)})
+        model.train(was_training)
         self.seconds += time.perf_counter() - started
         return out
 
