@@ -28,6 +28,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/merge_bench.py
+	$(PY) benchmarks/eval_bench.py
 
 clean:
 	rm -rf build out $(VENV)
