@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import torch
 
-from mamcli.checkpoint import SAFETENSORS_INDEX, TORCH_TO_ST
+from mamcli.checkpoint import SAFETENSORS_INDEX, TORCH_TO_ST, nbytes
 from mamcli.errors import MamError
 
 
@@ -39,10 +39,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes(self.dtype, self.shape)
 
 
 def parse_size(text: str) -> int:
