@@ -75,12 +75,16 @@ class LamMerge(nn.Module):
         return lam * self.source + (1 - lam) * target
 
 
-@dataclass
-class LamBank:
+LAM_MODULE = "mam_lams"  # attribute under which the λ logits live on the model (so DDP syncs them)
+
+
+class LamBank(nn.Module):
     """The trainable λ logits: one per merged layer, or one per layer and part with ``per_part``."""
 
-    keys: list[str]
-    logits: nn.Parameter
+    def __init__(self, keys: list[str], init: float) -> None:
+        super().__init__()
+        self.keys = keys
+        self.logits = nn.Parameter(torch.full((len(keys),), init))
 
     def values(self) -> dict[str, float]:
         return {k: float(torch.sigmoid(v)) for k, v in zip(self.keys, self.logits.detach().cpu(), strict=True)}
@@ -100,15 +104,16 @@ def attach_learnable(model: nn.Module, plan: MergePlan, source: TensorStore, lam
                   key=lambda k: [int(x) if x.isdigit() else x for x in k.split(".")])
     init = math.log(lam_init / (1 - lam_init)) if 0 < lam_init < 1 else (10.0 if lam_init >= 1 else -10.0)
     device = next(model.parameters()).device
-    logits = nn.Parameter(torch.full((len(keys),), init, device=device))
+    bank = LamBank(keys, init).to(device)
+    model.add_module(LAM_MODULE, bank)
     for p in plan.pairs:
         module, attr = _module_of(model, p.target)
         src = source.get(p.source)
         src = (src if p.source_rows is None else src[p.source_rows[0]:p.source_rows[1]]).to(device)
         key = f"{p.layer}.{p.part}" if per_part else str(p.layer)
-        parametrize.register_parametrization(module, attr, LamMerge(src.to(getattr(module, attr).dtype), logits,
-                                                                    keys.index(key)))
-    return LamBank(keys, logits)
+        parametrize.register_parametrization(module, attr, LamMerge(src.to(getattr(module, attr).dtype),
+                                                                    bank.logits, keys.index(key)))
+    return bank
 
 
 def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,7 +121,7 @@ def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Other parametrizations (HuBERT's weight-normed positional conv) are left as the model saves them.
     """
-    state = dict(model.state_dict())
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{LAM_MODULE}.")}
     for name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
@@ -188,11 +193,10 @@ def _restore_numpy_rng(d: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"]))
 
 
-def _save_state(path: Path, model: nn.Module, bank: LamBank | None, opt: Any, sched: Any, st: RunState) -> None:
+def _save_state(path: Path, model: nn.Module, opt: Any, sched: Any, st: RunState) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "lams": bank.logits.detach().cpu() if bank else None,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                "numpy_rng": _numpy_rng(), "run": json.dumps(asdict(st))}, tmp)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(), "numpy_rng": _numpy_rng(), "run": json.dumps(asdict(st))}, tmp)
     tmp.replace(path)
 
 
@@ -263,7 +267,8 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
     clips.sort(key=lambda c: c.item.id)
     label_ids = {str(k): int(v) for k, v in model.config.label2id.items()}
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    lam_params = {id(bank.logits)} if bank is not None else set()
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in lam_params]
     groups: list[dict[str, Any]] = [{"params": params, "lr": opts.lr, "weight_decay": opts.weight_decay}]
     if bank is not None:
         groups.append({"params": [bank.logits], "lr": opts.lam_lr, "weight_decay": 0.0})
@@ -272,13 +277,14 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
     total_steps = math.ceil(batches_per_epoch / opts.grad_accum) * opts.epochs
     tf = _transformers()
     scheduler = tf.get_linear_schedule_with_warmup(optimizer, opts.warmup, max(total_steps, 1))
+    # one process: the plain loop; under `accelerate launch`: DDP, batches sharded by process
+    acc = _accelerator(opts.device)
+    wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    n_proc, rank = acc.num_processes, acc.process_index
     st = RunState()
     if resume:
         saved = torch.load(state_dir / "state.pt", map_location=model.device, weights_only=True)
         model.load_state_dict(saved["model"])
-        if bank is not None and saved["lams"] is not None:
-            with torch.no_grad():
-                bank.logits.copy_(saved["lams"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
@@ -289,7 +295,9 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
         if dev is not None else None
 
     def checkpoint() -> None:
-        _save_state(state_dir / "state.pt", model, bank, optimizer, scheduler, st)
+        if acc.is_main_process:
+            _save_state(state_dir / "state.pt", model, optimizer, scheduler, st)
+        acc.wait_for_everyone()
 
     def snapshot_lams() -> None:
         if bank is not None:
@@ -305,20 +313,21 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
             epoch_batches = [[clips[k] for k in order[s:s + opts.batch_size]]
                              for s in range(0, len(order), opts.batch_size)]
             losses: list[float] = []
-            for b in range(st.batch_in_epoch, len(epoch_batches)):
-                batch = epoch_batches[b]
+            for g in range(st.batch_in_epoch, len(epoch_batches), n_proc):
+                batch = epoch_batches[(g + rank) % len(epoch_batches)]  # the last group wraps, as samplers pad
                 inputs = am.inputs([c.audio for c in batch])
                 if opts.task == "asr":
                     labels = ctc_targets(am.tokenizer, [c.item.text or "" for c in batch], opts.normalizer)
                 else:
                     labels = torch.tensor([label_ids[c.item.label or ""] for c in batch])
-                loss = model(**inputs, labels=labels.to(model.device)).loss
+                loss = wrapped(**inputs, labels=labels.to(model.device)).loss
                 if not torch.isfinite(loss):
                     raise MamError(f"the loss became {float(loss)} at step {st.step}; lower --lr")
-                (loss / opts.grad_accum).backward()
+                acc.backward(loss / opts.grad_accum)
                 losses.append(float(loss.detach()))
-                st.batch_in_epoch = b + 1
-                if st.batch_in_epoch % opts.grad_accum == 0 or st.batch_in_epoch == len(epoch_batches):
+                st.batch_in_epoch = min(g + n_proc, len(epoch_batches))
+                groups_done = -(-st.batch_in_epoch // n_proc)
+                if groups_done % opts.grad_accum == 0 or st.batch_in_epoch == len(epoch_batches):
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -333,7 +342,7 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
                 break
             entry: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step,
                                      "train_loss": sum(losses) / len(losses) if losses else None}
-            if evaluator is not None:
+            if evaluator is not None and acc.is_main_process:
                 scores = evaluator.evaluate()
                 entry["dev_error"] = scores["error"]
                 if st.best is None or scores["error"] < st.best:
@@ -352,6 +361,8 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
     if stopped and st.epoch < opts.epochs:
         return {"command": "finetune", "status": "stopped", "step": st.step, "epoch": st.epoch,
                 "resume": str(out)}
+    if not acc.is_main_process:  # the main process writes the output
+        return {"command": "finetune", "status": "done", "process": rank}
     if evaluator is None or not (state_dir / "best.pt").is_file():
         _save_best(state_dir, model, bank, plan, store)
     best = torch.load(state_dir / "best.pt", weights_only=True)
@@ -368,6 +379,16 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
     lams = json.loads(best["lams_json"]) if best.get("lams_json") else None
     _write_output(out, target, am, best["state"], report, lams, st.trajectory)
     return report
+
+
+def _accelerator(device: str) -> Any:
+    """Hugging Face Accelerate decides the device under `accelerate launch`; alone, --device does."""
+    import os
+
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=not launched and resolve_device(device).type == "cpu")
 
 
 def _save_best(state_dir: Path, model: nn.Module, bank: LamBank | None, plan: MergePlan | None,
