@@ -145,6 +145,7 @@ class Checkpoint:
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     _state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    extras: dict[str, Any] = field(default_factory=dict)  # other top-level entries of a .pt (BEATs label_dict)
     _arch: Arch | None = field(default=None, repr=False)
 
     # ---- reading -------------------------------------------------------------------------
@@ -234,6 +235,7 @@ class Checkpoint:
             if cfg is not None:
                 self.fmt = "beats"
                 self.config = {"model_type": "beats", **cfg, **self.config}
+                self.extras = {k: v for k, v in obj.items() if k not in ("cfg", "model")}
             for name, t in state.items():
                 self._state[name] = t
                 self.infos[name] = TensorInfo(name, t.dtype, tuple(t.shape), path)

@@ -117,6 +117,8 @@ class Evaluator:
         if self.task == "aec":
             if any(i.label is None for i in ds.items):
                 raise MamError(f"dataset {ds.spec!r} has clips without labels; audio events need labels")
+            if not self.am.model.config.id2label:
+                raise MamError(f"{target.spec} has no classifier head; fine-tune one first (mam finetune --task aec)")
             self.to_dataset = match_labels(ds.all_labels, self.am.model.config.id2label, opts.label_map)
         self.bad: list[dict[str, str]] = []
         if progress:

@@ -168,6 +168,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("beats",), layouts=(_FAIRSEQ_SELF_ATTN,),
         layers_keys=("encoder_layers",), hidden_keys=("encoder_embed_dim",), heads_keys=("encoder_attention_heads",),
         markers=(r"(^|\.)patch_embedding\.weight$",),
+        frontend=("patch_embedding", "layer_norm", "post_extract_proj", "encoder.pos_conv"),
     ),
     Family(
         name="timm-vit", description="timm ViT/DeiT (fused attn.qkv)", modality="image", model_types=(),

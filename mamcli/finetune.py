@@ -159,6 +159,13 @@ def load_for_training(target: Checkpoint, task: str, ds: Dataset, device: str) -
     from mamcli.models import load_audio_model
 
     am = load_audio_model(target, task, device)
+    if target.fmt == "beats":
+        from mamcli.beats import new_head
+
+        current = [str(v) for v in am.model.config.id2label.values()]
+        if sorted(current) != sorted(ds.all_labels):
+            new_head(am.model, ds.all_labels)
+        return am
     if task == "aec":
         labels = ds.all_labels
         current = [str(v) for v in am.model.config.id2label.values()]
@@ -406,12 +413,21 @@ def _write_output(out: Path, target: Checkpoint, am: AudioModel, state: dict[str
     """Atomically replace the run directory by the final, ordinary checkpoint."""
     final = out.with_name(out.name + ".mam-final")
     with atomic_output_dir(final, force=True) as tmp:
-        clean_model = type(am.model)(am.model.config)  # no parametrizations: an ordinary model
-        clean_model.load_state_dict(state)
-        clean_model.save_pretrained(tmp)
-        am.features.save_pretrained(tmp)
-        if am.tokenizer is not None:
-            am.tokenizer.save_pretrained(tmp)
+        if target.fmt == "beats":  # the official layout, and a safetensors copy
+            from safetensors.torch import save_file
+
+            from mamcli.beats import save_checkpoint
+
+            save_checkpoint(tmp / target.files[0].name, am.model, state, target.extras)
+            save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+        else:
+            clean_model = type(am.model)(am.model.config)  # no parametrizations: an ordinary model
+            clean_model.load_state_dict(state)
+            clean_model.save_pretrained(tmp)
+            am.features.save_pretrained(tmp)
+            if am.tokenizer is not None:
+                am.tokenizer.save_pretrained(tmp)
         if lams is not None:
             write_json(tmp / "lams.json", {**lams, "trajectory": trajectory})
         write_json(tmp / "mam_report.json", report)

@@ -329,6 +329,8 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
             raise
         for f in iter_copyable_files(target.root) if target.fmt != "beats" else ():
             shutil.copy2(f, tmp / f.name)
+        if target.fmt == "beats":  # the official layout too, loadable by the release's own code
+            files[target.files[0].name] = write_beats_pt(tmp / target.files[0].name, tmp, target)
         if out_dtype is not None and (tmp / "config.json").is_file():
             cfg = json.loads((tmp / "config.json").read_text())
             cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(out_dtype).removeprefix("torch.")
@@ -351,6 +353,20 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
         write_json(tmp / REPORT_NAME, report)
     report["output_dir"] = str(out)
     return report
+
+
+def write_beats_pt(path: Path, directory: Path, target: Checkpoint) -> str:
+    """``{"cfg": …, "model": …}`` plus the target's other entries, from the safetensors just written."""
+    from safetensors.torch import load_file
+
+    from mamcli.checkpoint import sha256_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    cfg = {k: v for k, v in target.config.items() if k != "model_type"}
+    torch.save({**target.extras, "cfg": cfg, "model": state}, path)
+    return sha256_file(path, use_cache=False)
 
 
 def _describe(ckpt: Checkpoint, arch: Arch, hashes: dict[str, str]) -> dict[str, Any]:

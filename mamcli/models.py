@@ -37,6 +37,8 @@ def _transformers() -> Any:
 
 def detect_task(config: dict[str, Any]) -> str:
     """``asr`` for CTC heads, ``aec`` for audio classification heads, from config.architectures."""
+    if config.get("model_type") == "beats":
+        return "aec"
     archs = " ".join(config.get("architectures") or [])
     if "ForCTC" in archs:
         return "asr"
@@ -113,6 +115,8 @@ def default_batch_size(model: Any) -> int:
 
 def load_audio_model(ckpt: Checkpoint, task: str, device: str = "cpu") -> AudioModel:
     """Load with the target's own classes: CTC for ``asr``, audio classification for ``aec``, base for ``encode``."""
+    if ckpt.fmt == "beats":
+        return _load_beats(ckpt, task, device)
     tf = _transformers()
     cls = {"asr": tf.AutoModelForCTC, "aec": tf.AutoModelForAudioClassification, "encode": tf.AutoModel}[task]
     try:
@@ -128,6 +132,22 @@ def load_audio_model(ckpt: Checkpoint, task: str, device: str = "cpu") -> AudioM
     rate = int(getattr(features, "sampling_rate", 16000))
     sig = set(inspect.signature(features.__call__).parameters)
     return AudioModel(ckpt, model, features, tokenizer, task, rate, takes_mask, padding_safe, sig)
+
+
+def _load_beats(ckpt: Checkpoint, task: str, device: str) -> AudioModel:
+    from mamcli.beats import BeatsFeatures, load_beats
+
+    if task == "asr":
+        raise MamError(f"{ckpt.spec}: BEATs is an audio-event model; use --task aec")
+    cfg = {k: v for k, v in ckpt.config.items() if k != "model_type"}
+    try:
+        model = load_beats(cfg, {n: ckpt.get(n) for n in ckpt.infos}, ckpt.extras.get("label_dict"))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise MamError(f"{ckpt.spec}: {e}") from None
+    model = model.eval().to(resolve_device(device))
+    features = BeatsFeatures()
+    sig = set(inspect.signature(features.__call__).parameters)
+    return AudioModel(ckpt, model, features, None, task, features.sampling_rate, True, True, sig)
 
 
 @dataclass

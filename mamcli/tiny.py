@@ -76,6 +76,8 @@ def save_tiny(kind: str, path: str | Path, hidden: int = 32, layers: int = 2, he
     path = Path(path)
     if kind == "timm-vit":
         return save_timm_vit(path, hidden, layers, heads, seed)
+    if kind in ("beats", "beats-ft"):
+        return save_beats(path, hidden, layers, heads, seed, finetuned=kind == "beats-ft")
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {', '.join([*KINDS, 'timm-vit'])}")
     cls, make_config = KINDS[kind]
@@ -120,6 +122,28 @@ def save_ctc_processor(path: Path) -> None:
     fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                                   return_attention_mask=True)
     Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(path)
+
+
+def save_beats(path: Path, hidden: int, layers: int, heads: int, seed: int, finetuned: bool = False) -> Path:
+    """A BEATs checkpoint in the official layout, ``{"cfg", "model"[, "label_dict"]}``, as BEATs_iter3+ has:
+    deep norm, relative position bias with gated relative position."""
+    from mamcli.beats import BeatsConfig, BeatsModel, official_state
+
+    cfg = BeatsConfig(embed_dim=hidden // 2, encoder_layers=layers, encoder_embed_dim=hidden,
+                      encoder_ffn_embed_dim=2 * hidden, encoder_attention_heads=heads, deep_norm=True,
+                      relative_position_embedding=True, gru_rel_pos=True, num_buckets=32, max_distance=64,
+                      conv_pos=16, conv_pos_groups=4, finetuned_model=finetuned, predictor_class=10)
+    torch.manual_seed(seed)
+    model = BeatsModel(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    path.mkdir(parents=True, exist_ok=True)
+    ckpt: dict[str, Any] = {"cfg": cfg.to_dict(), "model": official_state(model)}
+    if finetuned:
+        ckpt["label_dict"] = {f"/m/{i:02d}": i for i in range(10)}
+    torch.save(ckpt, path / "BEATs_tiny.pt")
+    return path / "BEATs_tiny.pt"
 
 
 def save_timm_vit(path: Path, hidden: int, layers: int, heads: int, seed: int) -> Path:
