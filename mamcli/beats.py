@@ -253,6 +253,8 @@ class BeatsModel(nn.Module):
 
     def __init__(self, cfg: BeatsConfig, id2label: dict[int, str] | None = None) -> None:
         super().__init__()
+        if cfg.activation_fn != "gelu":
+            raise ValueError(f"BEATs cfg asks for activation {cfg.activation_fn!r}; mam implements the released gelu")
         self.cfg = cfg
         self.patch_embedding = nn.Conv2d(1, cfg.embed_dim, cfg.input_patch_size, cfg.input_patch_size,
                                          bias=cfg.conv_bias)

@@ -263,10 +263,9 @@ def paper_table(points: list[dict[str, Any]], columns: list[str]) -> list[dict[s
     return rows
 
 
-def best_point(points: list[dict[str, Any]], column: str | None = None) -> dict[str, Any]:
+def best_point(points: list[dict[str, Any]]) -> dict[str, Any]:
     """Lowest error (ties: smaller λ, earlier layers); λ = 0 competes too."""
-    pool = [p for p in points if column is None or p["column"] in (column, "target")]
-    return min(pool, key=lambda p: (p["error"], p["lam"], str(p["layers"])))
+    return min(points, key=lambda p: (p["error"], p["lam"], str(p["layers"])))
 
 
 def evaluate_report(target: Checkpoint, ds: Dataset, ev: Evaluator, result: dict[str, Any], started: float,

@@ -9,8 +9,6 @@ from pathlib import Path
 from mamcli.errors import MamError
 from mamcli.families import PARTS
 
-LAYER_MAP_STRATEGIES = ("stride", "first", "last")
-
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
     """``None``/``all`` → every layer; ``12-19``; ``0,3,5``; mixes like ``0-3,8``; ``top:K:FILE[:METRIC]``."""
