@@ -340,6 +340,9 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
                     optimizer.zero_grad(set_to_none=True)
                     st.step += 1
                     snapshot_lams()
+                    if st.step % 10 == 0 and acc.is_main_process:
+                        lam_note = f", λ {bank.values()}" if bank is not None else ""
+                        say(f"epoch {st.epoch + 1}, step {st.step}/{total_steps}: loss {losses[-1]:.4f}{lam_note}")
                     if st.step % opts.checkpoint_every == 0:
                         checkpoint()
                     if opts.max_steps is not None and st.step >= opts.max_steps:

@@ -93,3 +93,25 @@ def test_manifests_and_bad_clips(tmp_path):
 def test_bad_specs(spec, needle):
     with pytest.raises(MamError, match=needle):
         load_dataset(spec)
+
+
+def test_vctk_layout_with_mic_suffixes(tmp_path):
+    """VCTK: txt/<spk>/<utt>.txt with audio under wav48*/<spk>/, with or without _mic1/_mic2."""
+    rng = np.random.default_rng(0)
+    for spk, utt, name, folder in (("p225", "p225_001", "p225_001_mic1.flac", "wav48_silence_trimmed"),
+                                   ("p225", "p225_002", "p225_002_mic2.flac", "wav48_silence_trimmed"),
+                                   ("p226", "p226_001", "p226_001.wav", "wav48")):
+        (tmp_path / "txt" / spk).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "txt" / spk / f"{utt}.txt").write_text(f"Please call {utt}.\n")
+        (tmp_path / folder / spk).mkdir(parents=True, exist_ok=True)
+        sf.write(tmp_path / folder / spk / name, rng.standard_normal(4800).astype(np.float32) * 0.1, 48000)
+    ds = load_dataset(f"vctk:{tmp_path}", mic="mic1")
+    by_id = {i.id: i for i in ds.items}
+    assert set(by_id) == {"p225_001", "p225_002", "p226_001"}
+    assert by_id["p225_001"].path.name == "p225_001_mic1.flac" and by_id["p225_001"].speaker == "p225"
+    assert by_id["p225_001"].text == "Please call p225_001."
+    bad: list[dict[str, str]] = []
+    clips = list(iter_clips(ds, 16000, bad=bad))
+    assert {c.item.id for c in clips} == {"p225_001", "p226_001"} and len(clips[0].audio) == 1600
+    assert [b["id"] for b in bad] == ["p225_002"]  # only a mic2 take exists: named, not fatal
+    assert {i.path.name for i in load_dataset(f"vctk:{tmp_path}", mic="mic2").items} >= {"p225_002_mic2.flac"}
