@@ -182,13 +182,7 @@ class Checkpoint:
 
     def arch(self, families: tuple[Family, ...] = FAMILIES) -> Arch:
         if self._arch is None or self._arch.family not in families:
-            arch = detect(self.infos, self.config, families, label=self.spec)
-            if arch.hidden is None:
-                q = self.info(arch.tensor(0, "q", "weight"))
-                hidden = q.shape[1] if len(q.shape) == 2 else None
-                arch = Arch(arch.family, arch.layout, arch.prefix, arch.num_layers, hidden, arch.heads,
-                            arch.model_type)
-            self._arch = arch
+            self._arch = detect(self.infos, self.config, families, self.spec, lambda n: self.info(n).shape)
         return self._arch
 
     def weight_hashes(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ import json
 import re
 import tomllib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,8 +250,11 @@ def _match_layout(family: Family, names: list[str]) -> tuple[Layout, str, set[in
 
 
 def detect(names: Iterable[str], config: Mapping[str, Any], families: tuple[Family, ...] = FAMILIES,
-           label: str = "model") -> Arch:
-    """Find the family of a checkpoint: config ``model_type`` first, then tensor-name patterns."""
+           label: str = "model", shape_of: Callable[[str], tuple[int, ...]] | None = None) -> Arch:
+    """Find the family of a checkpoint: config ``model_type`` first, then tensor-name patterns.
+
+    Without a hidden size in the config (timm, a bare .safetensors), ``shape_of`` gives it from the
+    width of layer 0's Q weight."""
     names = list(names)
     model_type = config.get("model_type")
     by_type = [f for f in families if model_type and model_type in f.model_types]
@@ -263,6 +266,9 @@ def detect(names: Iterable[str], config: Mapping[str, Any], families: tuple[Fami
         layout, prefix, layers = hit
         num_layers = _first_int(config, fam.layers_keys) or (max(layers) + 1)
         hidden = _first_int(config, fam.hidden_keys)
+        if hidden is None and shape_of is not None:
+            q_shape = shape_of(f"{prefix}{layout.layer.format(i=0)}.{layout.module('q')}.weight")
+            hidden = q_shape[1] if len(q_shape) == 2 else None
         heads = _first_int(config, fam.heads_keys)
         if set(range(num_layers)) - layers:
             missing = sorted(set(range(num_layers)) - layers)

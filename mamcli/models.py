@@ -183,12 +183,8 @@ class ModelStore:
         return self.params[name].detach()
 
     def arch(self, families: tuple[Family, ...] = FAMILIES) -> Arch:
-        if self._arch is None:
-            arch = detect(self.infos, self.config, families, label=self.spec)
-            if arch.hidden is None:
-                arch = Arch(arch.family, arch.layout, arch.prefix, arch.num_layers,
-                            self.infos[arch.tensor(0, "q", "weight")].shape[1], arch.heads, arch.model_type)
-            self._arch = arch
+        if self._arch is None or self._arch.family not in families:
+            self._arch = detect(self.infos, self.config, families, self.spec, lambda n: self.infos[n].shape)
         return self._arch
 
 
