@@ -175,13 +175,19 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | 
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr (warnings still show).")]
 
 
-def _dataset(data: str, split: str, dev_fraction: float, folds: str | None, limit: int | None, seed: int,
-             text_field: str, fraction: float | None = None) -> Dataset:
-    from mamcli.data import load_dataset, parse_folds, select
+def _load_data(data: str, text_field: str) -> Dataset:
+    from mamcli.data import load_dataset
 
     if text_field not in ("normalized", "raw"):
         raise MamError(f"--text-field must be normalized or raw; got {text_field!r}")
-    return select(load_dataset(data, text_field), split, dev_fraction, seed, parse_folds(folds), limit, fraction)
+    return load_dataset(data, text_field)
+
+
+def _select(ds: Dataset, split: str, dev_fraction: float, folds: str | None, limit: int | None, seed: int,
+            fraction: float | None = None) -> Dataset:
+    from mamcli.data import parse_folds, select
+
+    return select(ds, split, dev_fraction, seed, parse_folds(folds), limit, fraction)
 
 
 def _note(msg: str) -> None:
@@ -222,7 +228,7 @@ def rank_cmd(
     _check_format(fmt)
     opts = RankOptions(metric, top_k, n_projections, seed, batch_size, layer_map, strict, device)
     opts.metrics()
-    ds = _dataset(data, split, dev_fraction, folds, limit, seed, text_field, fraction)
+    ds = _select(_load_data(data, text_field), split, dev_fraction, folds, limit, seed, fraction)
     with resolve(source) as src, resolve(target) as tgt:
         report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=None if quiet else _note)
     for b in report["bad_clips"]:
@@ -302,7 +308,8 @@ def evaluate_cmd(
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
         first = "dev" if pick_on_dev else split
-        ds = _dataset(data, first, dev_fraction, folds, limit, seed, text_field)
+        corpus = _load_data(data, text_field)
+        ds = _select(corpus, first, dev_fraction, folds, limit, seed)
         note = None if quiet else _note
         ev = Evaluator(tgt, ds, opts, progress=note)
         result = sweep(ev, src, sw, families, progress=note)
@@ -311,7 +318,7 @@ def evaluate_cmd(
             best = best_point(result["points"])
             if note:
                 note(f"best on dev: layers {best['layers']}, λ = {best['lam']}, {best['column']}; evaluating on test")
-            test_ds = _dataset(data, "test", dev_fraction, folds, limit, seed, text_field)
+            test_ds = _select(corpus, "test", dev_fraction, folds, limit, seed)
             test_ev = Evaluator(tgt, test_ds, opts, progress=note)
             one = SweepOptions(lams=[best["lam"]], layers=best["layers"], noises=[best["noise"]] if best.get("noise")
                                else [], with_source=best["column"] == (src.spec if src else None), seed=seed,
@@ -395,8 +402,9 @@ def finetune_cmd(
                                batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
                                freeze_feature_encoder=freeze_feature_encoder, seed=seed, max_steps=max_steps,
                                checkpoint_every=checkpoint_every, device=device, normalizer=normalizer)
-        train = _dataset(data, "test", dev_fraction, folds, limit, seed, text_field)
-        dev = _dataset(data, "dev", dev_fraction, folds, limit, seed, text_field)
+        corpus = _load_data(data, text_field)
+        train = _select(corpus, "test", dev_fraction, folds, limit, seed)  # everything outside dev
+        dev = _select(corpus, "dev", dev_fraction, folds, limit, seed)
         report = finetune(tgt, train, dev, opts, out, src, resume=resume, force=force,
                           families=_families(arch_map), progress=None if quiet else _note)
     sys.stdout.write(dumps(report))
