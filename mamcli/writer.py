@@ -134,7 +134,7 @@ class SafetensorsWriter:
         assert self._fh is not None
         self._fh.write(data)
         self._to_hash.put((self._file, data))
-        self._unsynced += len(data)
+        self._unsynced += memoryview(data).nbytes
         if self._unsynced >= self.SYNC_EVERY:
             self._fh.flush()
             os.fsync(self._fh.fileno())
