@@ -7,8 +7,9 @@ Generates (never commits) a BERT-large-shaped and a HuBERT-large-shaped random c
   mam_cold: mamcli.merge.merge_to_dir (λ = 0.1 on all 24 layers' Q/K/V), hashing every input byte;
   mam:   the same merge again (a sweep's case): input hashes come from mam's hash cache;
   naive: from_pretrained both models, edit the state dict, save_pretrained.
-Each method runs in its own fresh process; the time is measured inside it (imports excluded)
-and peak RSS is that process's own (os.wait4). Results: benchmarks/results/merge_bench.json.
+Each method runs in its own fresh process, after os.sync() so that none pays for the disk
+writeback another left behind; the time is measured inside it (imports excluded) and peak RSS is
+that process's own (os.wait4). Results: benchmarks/results/merge_bench.json.
 Usage: python benchmarks/merge_bench.py [--repeats N] [--small]
 """
 
@@ -110,6 +111,7 @@ def main() -> None:
         for method in results:
             out = WORK / f"out-{method}"
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # no method pays for the writeback another one left behind
             res, rss = _run(RUN, method, str(src), str(tgt), str(out))
             results[method]["seconds"].append(round(res["seconds"], 3))
             results[method]["peak_rss_mib"].append(round(rss, 1))
