@@ -37,6 +37,12 @@ def dumps(obj: Any) -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write via a temporary sibling so a reader never sees half a report."""
+    from mamcli.errors import MamError
+
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps(obj))
-    tmp.replace(path)
+    try:
+        tmp.write_text(dumps(obj))
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MamError(f"cannot write {path}: {e.strerror}") from None

@@ -154,3 +154,9 @@ def test_plain_evaluation_and_noise_only_sweep(tiny, mam):
 def test_unavailable_device_is_one_line(tiny, mam):
     r = mam("evaluate", tiny("hubert-ctc", layers=2), "--data", LJ, "--limit", "1", "-q", "--device", "cuda")
     assert r.code == 1 and r.err == "mam: error: --device cuda: CUDA is not available on this machine\n"
+
+
+def test_unwritable_report_path_is_one_line(tiny, mam, tmp_path):
+    r = mam("evaluate", tiny("hubert-ctc", layers=2), "--data", LJ, "--limit", "1", "-q",
+            "-o", tmp_path / "missing-dir" / "r.json")
+    assert r.code == 1 and r.err.startswith("mam: error: cannot write ") and r.err.count("\n") == 1, r.err
