@@ -13,7 +13,9 @@ Clips: the shared LJ Speech subset (22.05 kHz, resampled to 16 kHz).
    against N separate evaluations (each: load the model, read the clips, evaluate), merge time
    not even counted for the separate runs.
 Targets: throughput ≥ 1.5× the pipeline; sweep ≤ 0.5 · N evaluations.
-Results: benchmarks/results/eval_bench.json. Usage: python benchmarks/eval_bench.py [--clips N]
+mam's throughput is taken at its default batch size for the device (1 on CPU, 8 on GPU).
+Results: benchmarks/results/eval_bench.json (eval_bench_cuda.json for --device cuda).
+Usage: python benchmarks/eval_bench.py [--clips N] [--points N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ def main() -> None:
     from mamcli.checkpoint import resolve
     from mamcli.data import iter_clips, load_dataset, select
     from mamcli.evaluate import EvalOptions, Evaluator, SweepOptions, sweep
-    from mamcli.models import load_audio_model
+    from mamcli.models import default_batch_size, load_audio_model
     from mamcli.tiny import save_tiny
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", type=int, default=24)
     ap.add_argument("--points", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where both paths run")
     args = ap.parse_args()
     tgt_dir, src_dir = WORK / "eval-hubert-768-realconv", WORK / "eval-bert-768"
     if not (tgt_dir / "model.safetensors").is_file():
@@ -67,7 +70,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     with resolve(str(tgt_dir)) as tgt, resolve(str(src_dir)) as src:
-        am = load_audio_model(tgt, "asr")
+        am = load_audio_model(tgt, "asr", args.device)
+        batch = default_batch_size(am.model)
         clips = list(iter_clips(ds, am.rate))
         audio_s = sum(len(c.audio) for c in clips) / am.rate
         # (a) mam: length-sorted batches
@@ -81,12 +85,12 @@ def main() -> None:
                     ids = am.model(**inputs).logits.argmax(-1)
                     ours.update({c.item.id: t for c, t in zip(batch, am.tokenizer.batch_decode(ids), strict=True)})
             timings[bs] = time.perf_counter() - t0
-        mam_s = timings[1]
+        mam_s = timings[batch]
         # (b) the transformers pipeline, same model object and processor
         from transformers import pipeline
 
         pipe = pipeline("automatic-speech-recognition", model=am.model, tokenizer=am.tokenizer,
-                        feature_extractor=am.features, device="cpu")
+                        feature_extractor=am.features, device=am.model.device)
         t0 = time.perf_counter()
         theirs = {c.item.id: pipe({"raw": c.audio, "sampling_rate": am.rate})["text"] for c in clips}
         pipe_s = time.perf_counter() - t0
@@ -94,7 +98,7 @@ def main() -> None:
         print(f"throughput: mam {mam_s:.1f} s, pipeline {pipe_s:.1f} s for {len(clips)} clips", file=sys.stderr)
 
         lams = [round(0.05 * (k + 1), 2) for k in range(args.points)]
-        opts = EvalOptions()
+        opts = EvalOptions(device=args.device)
         t0 = time.perf_counter()
         single = Evaluator(tgt, ds, opts)
         single.evaluate()
@@ -109,6 +113,7 @@ def main() -> None:
     report = {
         "benchmark": "evaluate", "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
         "model": "HuBERT-CTC, stable layer norm, real conv front end, 768 wide, 12 layers, random weights",
+        "device": str(am.model.device), "mam_batch_size": batch,
         "clips": len(clips), "audio_seconds": round(audio_s, 1),
         "throughput": {"mam_s": round(mam_s, 3), "mam_batch8_s": round(timings[8], 3), "pipeline_s": round(pipe_s, 3),
                        "mam_over_pipeline_speed": round(pipe_s / mam_s, 3),
@@ -122,7 +127,8 @@ def main() -> None:
     report["meets_targets"] = (report["throughput"]["mam_over_pipeline_speed"] >= 1.5
                                and report["sweep"]["sweep_over_n_evaluations"] <= 0.5)
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "eval_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    (HERE / "results" / f"eval_bench{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("throughput", "sweep", "meets_targets")}, indent=2))
 
 
