@@ -71,7 +71,7 @@ def main() -> None:
 
     with resolve(str(tgt_dir)) as tgt, resolve(str(src_dir)) as src:
         am = load_audio_model(tgt, "asr", args.device)
-        batch = default_batch_size(am.model)
+        default_bs = default_batch_size(am.model)
         clips = list(iter_clips(ds, am.rate))
         audio_s = sum(len(c.audio) for c in clips) / am.rate
         # (a) mam: length-sorted batches
@@ -85,7 +85,7 @@ def main() -> None:
                     ids = am.model(**inputs).logits.argmax(-1)
                     ours.update({c.item.id: t for c, t in zip(batch, am.tokenizer.batch_decode(ids), strict=True)})
             timings[bs] = time.perf_counter() - t0
-        mam_s = timings[batch]
+        mam_s = timings[default_bs]
         # (b) the transformers pipeline, same model object and processor
         from transformers import pipeline
 
@@ -113,7 +113,7 @@ def main() -> None:
     report = {
         "benchmark": "evaluate", "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
         "model": "HuBERT-CTC, stable layer norm, real conv front end, 768 wide, 12 layers, random weights",
-        "device": str(am.model.device), "mam_batch_size": batch,
+        "device": str(am.model.device), "mam_batch_size": default_bs,
         "clips": len(clips), "audio_seconds": round(audio_s, 1),
         "throughput": {"mam_s": round(mam_s, 3), "mam_batch8_s": round(timings[8], 3), "pipeline_s": round(pipe_s, 3),
                        "mam_over_pipeline_speed": round(pipe_s / mam_s, 3),
