@@ -29,7 +29,7 @@ from mamcli.data import Clip, Dataset, iter_clips
 from mamcli.errors import MamError
 from mamcli.evaluate import EvalOptions, Evaluator
 from mamcli.families import FAMILIES, Family
-from mamcli.merge import MergedTensors, MergeOptions, MergePlan, TensorStore
+from mamcli.merge import MergeOptions, MergePlan, TensorStore
 from mamcli.metrics import normaliser
 from mamcli.models import AudioModel, InMemoryMerger, ModelStore, _transformers, resolve_device
 from mamcli.report import peak_rss_mib, versions, write_json
@@ -159,22 +159,19 @@ def load_for_training(target: Checkpoint, task: str, ds: Dataset, device: str) -
     from mamcli.models import load_audio_model
 
     am = load_audio_model(target, task, device)
+    labels = ds.all_labels
+    if task != "aec" or sorted(str(v) for v in am.model.config.id2label.values()) == sorted(labels):
+        return am
     if target.fmt == "beats":
         from mamcli.beats import new_head
 
-        current = [str(v) for v in am.model.config.id2label.values()]
-        if sorted(current) != sorted(ds.all_labels):
-            new_head(am.model, ds.all_labels)
-        return am
-    if task == "aec":
-        labels = ds.all_labels
-        current = [str(v) for v in am.model.config.id2label.values()]
-        if sorted(current) != sorted(labels):
-            tf = _transformers()
-            model = tf.AutoModelForAudioClassification.from_pretrained(
-                target.root, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={lab: i for i, lab in enumerate(labels)}, ignore_mismatched_sizes=True)
-            am.model = model.to(resolve_device(device))
+        new_head(am.model, labels)
+    else:
+        tf = _transformers()
+        model = tf.AutoModelForAudioClassification.from_pretrained(
+            target.root, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)}, ignore_mismatched_sizes=True)
+        am.model = model.to(resolve_device(device))
     return am
 
 
@@ -257,15 +254,12 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
     bank: LamBank | None = None
     if source is not None:
         assert opts.lam_init is not None
-        plan = InMemoryMerger(store, families).plan(
-            source, MergeOptions(lam=opts.lam_init, layers=opts.layers, parts=opts.parts))
+        merger = InMemoryMerger(store, families)
+        plan = merger.plan(source, MergeOptions(lam=opts.lam_init, layers=opts.layers, parts=opts.parts))
         if opts.learnable_lam:
             bank = attach_learnable(model, plan, source, opts.lam_init, opts.per_part)
         else:  # MAM, then plain fine-tuning: the merged weights are the starting point
-            merged = MergedTensors(plan, source, store)
-            with torch.no_grad():
-                for name in merged.groups:
-                    store.params[name].copy_(merged.compute(name).to(store.params[name].dtype))
+            merger.apply(source, plan)
     bad: list[dict[str, str]] = []
     say(f"reading {len(train.items)} training clips")
     clips: list[Clip] = list(iter_clips(train, am.rate, False, bad))

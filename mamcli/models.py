@@ -195,24 +195,34 @@ class InMemoryMerger:
         self.store = store
         self.families = families
         self._originals: dict[str, torch.Tensor] = {}
+        self.stats: list[dict[str, Any]] = []
 
     def plan(self, source: TensorStore, options: MergeOptions) -> MergePlan:
         return plan_merge(source, self.store, options, self.families)
 
-    @contextmanager
-    def applied(self, source: TensorStore, plan: MergePlan) -> Iterator[list[dict[str, Any]]]:
+    def apply(self, source: TensorStore, plan: MergePlan) -> list[str]:
+        """Merge into the model's tensors in place (originals kept for ``restore``); returns their names."""
         merged = MergedTensors(plan, source, self.store)
         with torch.no_grad():
             for name in merged.groups:
                 param = self.store.params[name]
                 original = self._originals.setdefault(name, param.detach().clone())
                 param.copy_(merged.compute(name, original).to(param.dtype))
+        self.stats = merged.stats
+        return list(merged.groups)
+
+    def restore(self, names: list[str]) -> None:
+        with torch.no_grad():
+            for name in names:
+                self.store.params[name].copy_(self._originals[name])
+
+    @contextmanager
+    def applied(self, source: TensorStore, plan: MergePlan) -> Iterator[list[dict[str, Any]]]:
+        names = self.apply(source, plan)
         try:
-            yield merged.stats
+            yield self.stats
         finally:
-            with torch.no_grad():
-                for name in merged.groups:
-                    self.store.params[name].copy_(self._originals[name])
+            self.restore(names)
 
 
 class PrefixCache:
