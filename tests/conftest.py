@@ -12,6 +12,8 @@ import pytest
 from mamcli.tiny import save_tiny
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ESC-10's classes read straight from its folder names ("001 - Dog bark"), not through mamcli
+ESC10_CLASSES = sorted(p.name.split(" - ", 1)[1] for p in (SHARED / "esc10/ESC-10").iterdir())
 
 warnings.filterwarnings("ignore")
 

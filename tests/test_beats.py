@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
-from conftest import SHARED
+from conftest import ESC10_CLASSES, SHARED
 from helpers import load_dir
 from mamcli.beats import BeatsFeatures, kaldi_fbank, load_beats, official_state
 from mamcli.checkpoint import resolve
@@ -97,7 +97,7 @@ def test_merge_vit_into_beats_writes_official_layout(tiny, mam, tmp_path):
 
 def test_evaluate_rank_and_finetune_accept_beats(tiny, mam, tmp_path):
     tgt = tiny("beats-ft", layers=2)
-    classes = sorted(p.name.split(" - ", 1)[1] for p in (SHARED / "esc10/ESC-10").iterdir())
+    classes = ESC10_CLASSES
     (tmp_path / "map.json").write_text(json.dumps({c: f"/m/{i:02d}" for i, c in enumerate(classes)}))
     r = mam("evaluate", tgt, "--data", ESC10, "--folds", "1", "--limit", "6", "--label-map", tmp_path / "map.json",
             "--source", tiny("vit", layers=2), "--lam", "0,0.3", "--layers", "1", "-q", "--format", "json")

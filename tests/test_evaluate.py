@@ -7,7 +7,7 @@ import json
 import jiwer
 import pytest
 
-from conftest import SHARED
+from conftest import ESC10_CLASSES, SHARED
 from mamcli.metrics import asr_scores, classification_scores
 
 LJ = f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1"
@@ -78,7 +78,7 @@ def test_audio_events_with_label_map_and_names(tiny, mam, tmp_path):
 
     ast = tmp_path / "ast"
     shutil.copytree(tiny("ast", layers=2), ast)
-    classes = sorted(p.name.split(" - ", 1)[1] for p in (SHARED / "esc10/ESC-10").iterdir())
+    classes = ESC10_CLASSES
     (tmp_path / "map.json").write_text(json.dumps({c: f"LABEL_{i}" for i, c in enumerate(classes)}))
     r = mam("evaluate", ast, "--data", ESC10, "--folds", "1", "--limit", "6", "-o", tmp_path / "a.json")
     assert r.code == 1 and "--label-map" in r.err

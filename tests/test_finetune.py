@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED
+from conftest import ESC10_CLASSES, SHARED
 from helpers import load_dir
 from mamcli.checkpoint import resolve
 from mamcli.data import load_dataset, select
@@ -117,7 +117,7 @@ def test_audio_events_new_head_few_steps(tiny, mam, tmp_path):
     report = json.loads(r.out)
     assert report["mode"] == "mam+finetune" and report["epochs"][0]["train_loss"] > 0
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
-    labels = sorted(p.name.split(" - ", 1)[1] for p in (SHARED / "esc10/ESC-10").iterdir())
+    labels = ESC10_CLASSES
     assert sorted(cfg["id2label"].values()) == labels
 
 
