@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -312,6 +313,7 @@ def evaluate_cmd(
         ds = _select(corpus, first, dev_fraction, folds, limit, seed)
         note = None if quiet else _note
         ev = Evaluator(tgt, ds, opts, progress=note)
+        bad_clips = list(ev.bad)
         result = sweep(ev, src, sw, families, progress=note)
         rows = [{"split": first, **r} for r in result["table"]]
         if pick_on_dev:
@@ -319,15 +321,16 @@ def evaluate_cmd(
             if note:
                 note(f"best on dev: layers {best['layers']}, λ = {best['lam']}, {best['column']}; evaluating on test")
             test_ds = _select(corpus, "test", dev_fraction, folds, limit, seed)
-            test_ev = Evaluator(tgt, test_ds, opts, progress=note)
-            one = SweepOptions(lams=[best["lam"]], layers=best["layers"], noises=[best["noise"]] if best.get("noise")
-                               else [], with_source=best["column"] == (src.spec if src else None), seed=seed,
-                               parts=_parts(parts), bias=bias, layer_map=layer_map)
+            test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am)  # the model already loaded
+            one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None,
+                          noises=[best["noise"]] if best.get("noise") else [],
+                          with_source=best["column"] == (src.spec if src else None))
             test = sweep(test_ev, src if best["lam"] > 0 else None, one, families)
+            bad_clips += test_ev.bad
             result = {"dev": result, "best_on_dev": best, "test": test}
             rows += [{"split": "test", **r} for r in test["table"]]
         report = evaluate_report(tgt, ds, ev, result, started, src)
-    for b in ev.bad:
+    for b in bad_clips:
         _note(f"skipped unreadable clip {b['id']}: {b['error']}")
     if out is not None:
         write_json(out, report)
