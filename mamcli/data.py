@@ -11,7 +11,7 @@ import csv
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +19,6 @@ import numpy as np
 
 from mamcli.errors import MamError
 
-KINDS = ("ljspeech", "vctk", "esc50", "folders", "fsdd", "manifest")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -89,12 +88,13 @@ def _find_audio(base: Path, stem: str) -> Path:
     return base / f"{stem}.wav"  # reported as missing when read
 
 
-def _ljspeech(root: Path, text_field: str) -> list[Item]:
-    meta = root / "metadata.csv"
-    if not meta.is_file():
-        raise MamError(f"{root}: no metadata.csv (expected LJ Speech layout: metadata.csv and wavs/)")
+def _is_ljspeech(root: Path) -> bool:
+    return (root / "metadata.csv").is_file()
+
+
+def _ljspeech(root: Path, text_field: str = "normalized", mic: str = "") -> list[Item]:
     items = []
-    with meta.open(encoding="utf-8") as f:
+    with (root / "metadata.csv").open(encoding="utf-8") as f:
         for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE):
             if len(row) < 2:
                 continue
@@ -103,13 +103,14 @@ def _ljspeech(root: Path, text_field: str) -> list[Item]:
     return items
 
 
-def _vctk(root: Path, mic: str) -> list[Item]:
-    txt = root / "txt"
-    if not txt.is_dir():
-        raise MamError(f"{root}: no txt/ folder (expected VCTK layout: txt/<spk>/*.txt and wav48*/<spk>/)")
+def _is_vctk(root: Path) -> bool:
+    return (root / "txt").is_dir()
+
+
+def _vctk(root: Path, text_field: str = "", mic: str = "mic1") -> list[Item]:
     audio_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("wav"))
     items = []
-    for t in sorted(txt.glob("*/*.txt")):
+    for t in sorted((root / "txt").glob("*/*.txt")):
         spk, stem = t.parent.name, t.stem
         candidates = [_find_audio(d / spk, name) for d in audio_dirs for name in (f"{stem}_{mic}", stem)]
         path = next((c for c in candidates if c.is_file()), candidates[0] if candidates else t.with_suffix(".wav"))
@@ -117,38 +118,81 @@ def _vctk(root: Path, mic: str) -> list[Item]:
     return items
 
 
-def _esc50(root: Path) -> list[Item]:
-    meta = root / "meta" / "esc50.csv"
-    if not meta.is_file():
-        raise MamError(f"{root}: no meta/esc50.csv (expected ESC-50 layout: meta/esc50.csv and audio/)")
-    with meta.open(encoding="utf-8") as f:
+def _is_esc50(root: Path) -> bool:
+    return (root / "meta" / "esc50.csv").is_file()
+
+
+def _esc50(root: Path, text_field: str = "", mic: str = "") -> list[Item]:
+    with (root / "meta" / "esc50.csv").open(encoding="utf-8") as f:
         return [Item(Path(r["filename"]).stem, root / "audio" / r["filename"], label=r["category"],
                      fold=int(r["fold"])) for r in csv.DictReader(f)]
 
 
-def _folders(root: Path) -> list[Item]:
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir()
+                  if d.is_dir() and any(p.suffix.lower() in AUDIO_SUFFIXES for p in d.iterdir()))
+
+
+def _is_folders(root: Path) -> bool:
+    return bool(_class_dirs(root))
+
+
+def _folders(root: Path, text_field: str = "", mic: str = "") -> list[Item]:
     """One folder per class (ESC-10: ``001 - Dog bark/1-100032-A.ogg``; fold = first digit of the name)."""
     items = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in _class_dirs(root):
         label = re.sub(r"^\d+\s*-\s*", "", d.name)
         for f in sorted(p for p in d.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
             m = re.match(r"(\d)-", f.name)
             items.append(Item(f"{d.name}/{f.stem}", f, label=label, fold=int(m[1]) if m else None))
-    if not items:
-        raise MamError(f"{root}: no class folders with audio in them")
     return items
 
 
-def _fsdd(root: Path) -> list[Item]:
+FSDD_NAME = re.compile(r"(\d)_([a-z]+)_(\d+)")
+
+
+def _is_fsdd(root: Path) -> bool:
+    return any(FSDD_NAME.fullmatch(f.stem) and f.suffix.lower() in AUDIO_SUFFIXES for f in root.iterdir())
+
+
+def _fsdd(root: Path, text_field: str = "", mic: str = "") -> list[Item]:
     """Free Spoken Digit Dataset: ``{digit}_{speaker}_{take}``; text is the digit's word, label the digit."""
     items = []
-    for f in sorted(root.glob("*")):
-        m = re.fullmatch(r"(\d)_([a-z]+)_(\d+)", f.stem)
+    for f in sorted(root.iterdir()):
+        m = FSDD_NAME.fullmatch(f.stem)
         if m and f.suffix.lower() in AUDIO_SUFFIXES:
             items.append(Item(f.stem, f, text=DIGITS[int(m[1])], label=m[1], speaker=m[2], fold=int(m[3])))
-    if not items:
-        raise MamError(f"{root}: no FSDD recordings named digit_speaker_take")
     return items
+
+
+# kind -> (reader, layout check, what the layout is, for the error)
+CORPORA: dict[str, tuple[Callable[..., list[Item]], Callable[[Path], bool], str]] = {
+    "ljspeech": (_ljspeech, _is_ljspeech, "LJ Speech layout: metadata.csv and wavs/"),
+    "vctk": (_vctk, _is_vctk, "VCTK layout: txt/<spk>/*.txt and wav48*/<spk>/"),
+    "esc50": (_esc50, _is_esc50, "ESC-50 layout: meta/esc50.csv and audio/"),
+    "folders": (_folders, _is_folders, "one folder of audio files per class"),
+    "fsdd": (_fsdd, _is_fsdd, "FSDD layout: recordings named digit_speaker_take"),
+}
+
+
+KINDS = (*CORPORA, "manifest")
+
+
+def corpus_root(kind: str, path: Path) -> Path:
+    """``path`` when it has the corpus's layout, else its one subfolder that has it (archives unpack
+    into ``LJSpeech-1.1/``, ``ESC-50-master/``, ``recordings/``)."""
+    _, has_layout, layout = CORPORA[kind]
+    if not path.is_dir():
+        raise MamError(f"{path}: not a folder (a {kind} dataset is a folder in the {layout})")
+    if has_layout(path):
+        return path
+    inside = [d for d in sorted(path.iterdir()) if d.is_dir() and has_layout(d)]
+    if len(inside) == 1:
+        return inside[0]
+    if inside:
+        raise MamError(f"{path}: several folders inside have the {layout} ({', '.join(d.name for d in inside)}); "
+                       "name one")
+    raise MamError(f"{path}: not in the {layout}")
 
 
 def _manifest(path: Path) -> list[Item]:
@@ -187,16 +231,9 @@ def load_dataset(spec: str, text_field: str = "normalized", mic: str = "mic1") -
             raise MamError(f"dataset {spec!r}: use KIND:PATH with KIND one of {', '.join(KINDS[:-1])}, "
                            "or a .csv/.tsv/.jsonl manifest")
         items = _manifest(path)
-    elif kind == "ljspeech":
-        items = _ljspeech(path, text_field)
-    elif kind == "vctk":
-        items = _vctk(path, mic)
-    elif kind == "esc50":
-        items = _esc50(path)
-    elif kind == "folders":
-        items = _folders(path)
     else:
-        items = _fsdd(path)
+        path = corpus_root(kind, path)
+        items = CORPORA[kind][0](path, text_field=text_field, mic=mic)
     if not items:
         raise MamError(f"dataset {spec!r} holds no clips")
     return Dataset(spec, kind, path, items, text_field if kind == "ljspeech" else None)

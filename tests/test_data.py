@@ -39,6 +39,24 @@ def test_esc50_folds_and_esc10_folders_and_fsdd():
                                                               "seven", "eight", "nine")
 
 
+@pytest.mark.parametrize("kind,top,inner", [("ljspeech", "ljspeech-385", "LJSpeech-1.1"),
+                                            ("esc50", "esc50-fold4", "ESC-50"), ("folders", "esc10", "ESC-10"),
+                                            ("fsdd", "fsdd", "recordings")])
+def test_archive_top_folder_finds_the_corpus_inside(kind, top, inner):
+    """Archives unpack into one folder (LJSpeech-1.1/, ESC-50-master/): naming the folder above works."""
+    ds = load_dataset(f"{kind}:{SHARED}/{top}")
+    assert ds.root == SHARED / top / inner
+    assert [i.path for i in ds.items] == [i.path for i in load_dataset(f"{kind}:{SHARED}/{top}/{inner}").items]
+
+
+def test_several_corpora_inside_is_an_error_naming_them(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metadata.csv").write_text("x|y|y\n")
+    with pytest.raises(MamError, match=r"several folders inside .*\(a, b\)"):
+        load_dataset(f"ljspeech:{tmp_path}")
+
+
 def test_audio_is_mono_and_resampled_with_soxr():
     import soxr
 
@@ -89,7 +107,8 @@ def test_manifests_and_bad_clips(tmp_path):
 
 
 @pytest.mark.parametrize("spec,needle", [("ljspeech:/nope", "does not exist"), (str(SHARED / "README.md"), "KIND:PATH"),
-                                         (f"esc50:{SHARED}/fsdd", "meta/esc50.csv")])
+                                         (f"esc50:{SHARED}/fsdd", "not in the ESC-50 layout"),
+                                         (f"fsdd:{SHARED}/README.md", "not a folder")])
 def test_bad_specs(spec, needle):
     with pytest.raises(MamError, match=needle):
         load_dataset(spec)
