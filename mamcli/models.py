@@ -9,6 +9,7 @@ batch and replayed for every later point.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -121,7 +122,9 @@ def load_audio_model(ckpt: Checkpoint, task: str, device: str = "cpu") -> AudioM
     cls = {"asr": tf.AutoModelForCTC, "aec": tf.AutoModelForAudioClassification, "encode": tf.AutoModel}[task]
     try:
         model = cls.from_pretrained(ckpt.root).eval().to(resolve_device(device))
-        features = tf.AutoFeatureExtractor.from_pretrained(ckpt.root)
+        with warnings.catch_warnings():  # AST's own defaults (128 mels, 400-point FFT) warn on every load
+            warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+            features = tf.AutoFeatureExtractor.from_pretrained(ckpt.root)
         tokenizer = tf.AutoTokenizer.from_pretrained(ckpt.root) if task == "asr" else None
     except (OSError, ValueError, KeyError) as e:
         raise MamError(f"{ckpt.spec}: cannot load as a {task} model with its processor "

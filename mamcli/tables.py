@@ -11,9 +11,10 @@ from typing import Any
 FORMATS = ("table", "csv", "tsv", "json")
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, digits: int | None = None) -> str:
+    """Floats in full (shortest round-trip) for spreadsheets; ``digits`` significant ones for people."""
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return repr(v) if digits is None else f"{v:.{digits}g}"
     if isinstance(v, list | tuple):
         return " ".join(map(str, v))
     return "" if v is None else str(v)
@@ -37,9 +38,10 @@ def render(rows: Sequence[dict[str, Any]], fmt: str, title: str | None = None) -
 
     table = Table(title=title, show_lines=False)
     for c in columns:
-        table.add_column(c, overflow="fold")
+        numeric = all(isinstance(r.get(c), int | float) for r in rows if r.get(c) is not None)
+        table.add_column(c, overflow="fold", justify="right" if numeric else "left")
     for r in rows:
-        table.add_row(*[_cell(r.get(c)) for c in columns])
+        table.add_row(*[_cell(r.get(c), digits=4) for c in columns])
     console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(table)
     return console.file.getvalue()  # type: ignore[attr-defined]
