@@ -410,7 +410,8 @@ def finetune_cmd(
         dev = _select(corpus, "dev", dev_fraction, folds, limit, seed)
         report = finetune(tgt, train, dev, opts, out, src, resume=resume, force=force,
                           families=_families(arch_map), progress=None if quiet else _note)
-    sys.stdout.write(dumps(report))
+    if "process" not in report:  # under a launcher, only the main process reports
+        sys.stdout.write(dumps(report))
 
 
 @app.command("map")

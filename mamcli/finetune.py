@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +213,6 @@ def finetune(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Fine
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train, evaluate on dev after each epoch, keep the best, and write a loadable checkpoint to ``out``."""
     started = time.perf_counter()
-    say = progress or (lambda _msg: None)
     if opts.task not in ("asr", "aec"):
         raise MamError(f"--task must be asr or aec; got {opts.task!r}")
     if opts.learnable_lam and source is None:
@@ -223,25 +225,35 @@ def finetune(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Fine
             raise MamError(f"{name} must be at least 1; got {value}")
     out = out.expanduser().absolute()
     state_dir = out / STATE_DIR
+    # every process checks before any process changes anything; only the main process changes files
+    acc = _accelerator(opts.device)
+    say = progress if progress is not None and acc.is_main_process else _quiet  # one voice on stderr
     if out.exists() and not resume and not force:
         raise MamError(f"{out} already exists; pass --resume to continue its run or --force to start over")
     if resume and not (state_dir / "state.pt").is_file():
         raise MamError(f"nothing to resume in {out}: no {STATE_DIR}/state.pt")
-    if force and not resume and out.exists():
-        shutil.rmtree(out)
-    created = not out.exists()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    created = not resume and (force or not out.exists())
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if force and not resume and out.exists():
+            shutil.rmtree(out)
+        state_dir.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
     try:
-        return _run(target, train, dev, opts, out, state_dir, source, resume, families, say, started)
+        return _run(target, train, dev, opts, out, state_dir, source, resume, families, say, started, acc)
     except BaseException:
-        if created and not (state_dir / "state.pt").is_file():  # failed before any progress: leave nothing
-            shutil.rmtree(out, ignore_errors=True)
+        if created and acc.is_main_process and not (state_dir / "state.pt").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # failed before any progress: leave nothing
         raise
+
+
+def _quiet(_msg: str) -> None:
+    """Progress sink without a progress callback, and for the other processes of a launched run."""
 
 
 def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: FinetuneOptions, out: Path,
          state_dir: Path, source: Checkpoint | None, resume: bool, families: tuple[Family, ...],
-         say: Callable[[str], None], started: float) -> dict[str, Any]:
+         say: Callable[[str], None], started: float, acc: Any) -> dict[str, Any]:
 
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)  # transformers' SpecAugment time masks use numpy's global RNG
@@ -274,14 +286,15 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
     if bank is not None:
         groups.append({"params": [bank.logits], "lr": opts.lam_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
-    batches_per_epoch = math.ceil(len(clips) / opts.batch_size)
-    total_steps = math.ceil(batches_per_epoch / opts.grad_accum) * opts.epochs
-    tf = _transformers()
-    scheduler = tf.get_linear_schedule_with_warmup(optimizer, opts.warmup, max(total_steps, 1))
-    # one process: the plain loop; under `accelerate launch`: DDP, batches sharded by process
-    acc = _accelerator(opts.device)
-    wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    # one process: the plain loop; under a launcher: DDP, each process takes every n-th batch, so an
+    # optimizer step consumes n_proc · grad_accum batches
     n_proc, rank = acc.num_processes, acc.process_index
+    groups_per_epoch = math.ceil(math.ceil(len(clips) / opts.batch_size) / n_proc)
+    total_steps = math.ceil(groups_per_epoch / opts.grad_accum) * opts.epochs
+    tf = _transformers()
+    # counted in real optimizer steps, so not handed to Accelerate (which would step it n_proc times)
+    scheduler = tf.get_linear_schedule_with_warmup(optimizer, opts.warmup, max(total_steps, 1))
+    wrapped, optimizer = acc.prepare(model, optimizer)
     st = RunState()
     if resume:
         saved = torch.load(state_dir / "state.pt", map_location=model.device, weights_only=True)
@@ -321,20 +334,22 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
                     labels = ctc_targets(am.tokenizer, [c.item.text or "" for c in batch], opts.normalizer)
                 else:
                     labels = torch.tensor([label_ids[c.item.label or ""] for c in batch])
-                loss = wrapped(**inputs, labels=labels.to(model.device)).loss
-                if not torch.isfinite(loss):
-                    raise MamError(f"the loss became {float(loss)} at step {st.step}; lower --lr")
-                acc.backward(loss / opts.grad_accum)
-                losses.append(float(loss.detach()))
                 st.batch_in_epoch = min(g + n_proc, len(epoch_batches))
                 groups_done = -(-st.batch_in_epoch // n_proc)
-                if groups_done % opts.grad_accum == 0 or st.batch_in_epoch == len(epoch_batches):
+                steps_now = groups_done % opts.grad_accum == 0 or st.batch_in_epoch == len(epoch_batches)
+                with nullcontext() if steps_now else acc.no_sync(wrapped):  # all-reduce once per step
+                    loss = wrapped(**inputs, labels=labels.to(model.device)).loss
+                    if not torch.isfinite(loss):
+                        raise MamError(f"the loss became {float(loss)} at step {st.step}; lower --lr")
+                    acc.backward(loss / opts.grad_accum)
+                losses.append(float(loss.detach()))
+                if steps_now:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     st.step += 1
                     snapshot_lams()
-                    if st.step % 10 == 0 and acc.is_main_process:
+                    if st.step % 10 == 0:
                         lam_note = f", λ {bank.values()}" if bank is not None else ""
                         say(f"epoch {st.epoch + 1}, step {st.step}/{total_steps}: loss {losses[-1]:.4f}{lam_note}")
                     if st.step % opts.checkpoint_every == 0:
@@ -344,8 +359,10 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
                         break
             if stopped and st.batch_in_epoch < len(epoch_batches):
                 break
+            mean_loss = acc.reduce(torch.tensor(sum(losses) / len(losses), device=acc.device), "mean") \
+                if losses else None  # every process has batches: the last group wraps round
             entry: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step,
-                                     "train_loss": sum(losses) / len(losses) if losses else None}
+                                     "train_loss": None if mean_loss is None else float(mean_loss)}
             if evaluator is not None and acc.is_main_process:
                 scores = evaluator.evaluate()
                 entry["dev_error"] = scores["error"]
@@ -362,11 +379,11 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
         say(f"interrupted: state saved; continue with --resume (step {st.step})")
         raise
     checkpoint()
-    if stopped and st.epoch < opts.epochs:
-        return {"command": "finetune", "status": "stopped", "step": st.step, "epoch": st.epoch,
-                "resume": str(out)}
-    if not acc.is_main_process:  # the main process writes the output
-        return {"command": "finetune", "status": "done", "process": rank}
+    status = "stopped" if stopped and st.epoch < opts.epochs else "done"
+    if not acc.is_main_process:  # the main process writes the output and the report
+        return {"command": "finetune", "status": status, "process": rank}
+    if status == "stopped":
+        return {"command": "finetune", "status": status, "step": st.step, "epoch": st.epoch, "resume": str(out)}
     if evaluator is None or not (state_dir / "best.pt").is_file():
         _save_best(state_dir, model, bank, plan, store)
     best = torch.load(state_dir / "best.pt", weights_only=True)
@@ -386,13 +403,19 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
 
 
 def _accelerator(device: str) -> Any:
-    """Hugging Face Accelerate decides the device under `accelerate launch`; alone, --device does."""
-    import os
-
-    from accelerate import Accelerator
+    """Hugging Face Accelerate decides the device under a launcher (``accelerate launch``, ``torchrun``);
+    alone, --device does. Launched on a machine without CUDA, the processes train on CPUs over gloo
+    (Accelerate stays single-process there unless told ``cpu``)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=not launched and resolve_device(device).type == "cpu")
+    cpu = not torch.cuda.is_available() if launched else resolve_device(device).type == "cpu"
+    # LayerDrop (HuBERT/wav2vec2 fine-tuning configs: 0.1) leaves whole layers, and their λ, without
+    # gradients in some steps; DDP must look for them, as transformers' Trainer does by default
+    # the other processes wait while the main one evaluates dev: give that wait more than the default
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True),
+                InitProcessGroupKwargs(timeout=timedelta(hours=2))]
+    return Accelerator(cpu=cpu, kwargs_handlers=handlers)
 
 
 def _save_best(state_dir: Path, model: nn.Module, bank: LamBank | None, plan: MergePlan | None,
