@@ -282,6 +282,8 @@ def evaluate_cmd(
     label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
     = None,
     batch_size: BatchOpt = None,
+    cache_gb: Annotated[float, typer.Option("--cache-gb", help="Memory for replaying unmerged layers in a sweep "
+                                            "(about 2 GB per hour of audio); batches beyond it run in full.")] = 4.0,
     fmt: FormatOpt = "table",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the full JSON report here.")] = None,
     plot: PlotOpt = None,
@@ -298,7 +300,7 @@ def evaluate_cmd(
 
     started = time.perf_counter()
     _check_format(fmt)
-    opts = EvalOptions(task, normalizer, batch_size, strict, label_map, device)
+    opts = EvalOptions(task, normalizer, batch_size, strict, label_map, device, cache_gb)
     sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
                       noises=[n.strip() for n in noise.split(",")] if noise else [], with_source=not noise_only,
                       seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mamcli.checkpoint import Checkpoint
-from mamcli.data import Clip, Dataset, iter_clips
+from mamcli.data import Dataset, Item, iter_clips
 from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Family
 from mamcli.layers import parse_layers
@@ -44,6 +44,7 @@ class EvalOptions:
     strict: bool = False
     label_map: Path | None = None
     device: str = "cpu"
+    cache_gb: float = 4.0  # replay cache of a sweep (PrefixCache): beyond it, batches run in full
 
 
 @dataclass
@@ -111,6 +112,8 @@ class Evaluator:
         if self.task not in ("asr", "aec"):
             raise MamError(f"--task must be asr, aec or auto; got {opts.task!r}")
         normaliser(opts.normalizer)  # fail early on a bad name
+        if opts.cache_gb < 0:
+            raise MamError(f"--cache-gb must be 0 or more; got {opts.cache_gb}")
         self.am: AudioModel = am or load_audio_model(target, self.task, opts.device)
         if self.task == "asr" and any(not i.text for i in ds.items):
             raise MamError(f"dataset {ds.spec!r} has clips without transcripts; ASR needs text")
@@ -127,8 +130,10 @@ class Evaluator:
         if not clips:
             raise MamError(f"no readable clip in {ds.spec!r}")
         self.batch_size = opts.batch_size or default_batch_size(self.am.model)
-        self.batches: list[list[Clip]] = list(self.am.batches(clips, self.batch_size))
-        self.inputs = [self.am.inputs([c.audio for c in b]) for b in self.batches]  # features once per clip
+        batches = list(self.am.batches(clips, self.batch_size))
+        self.inputs = [self.am.inputs([c.audio for c in b]) for b in batches]  # features once per clip
+        self.batches: list[list[Item]] = [[c.item for c in b] for b in batches]  # the audio is not kept
+        del clips, batches
         self.store = ModelStore(self.am.model, target.spec)
         self.cache: PrefixCache | None = None
         self.seconds = 0.0
@@ -147,6 +152,8 @@ class Evaluator:
             elif k in self.cache.store:
                 with self.cache.replay(k):
                     logits = model(**inputs).logits
+            elif self.cache.full:  # over the cache's budget: the whole forward
+                logits = model(**inputs).logits
             else:
                 with self.cache.record(k):
                     logits = model(**inputs).logits
@@ -156,13 +163,13 @@ class Evaluator:
             else:
                 id2label = model.config.id2label
                 texts = [self.to_dataset.get(str(id2label[int(i)]), str(id2label[int(i)])) for i in ids]
-            out.update({c.item.id: t for c, t in zip(batch, texts, strict=True)})
+            out.update({item.id: t for item, t in zip(batch, texts, strict=True)})
         model.train(was_training)
         self.seconds += time.perf_counter() - started
         return out
 
     def score(self, preds: dict[str, str]) -> dict[str, Any]:
-        items = [c.item for b in self.batches for c in b]
+        items = [i for b in self.batches for i in b]
         items.sort(key=lambda i: i.id)
         if self.task == "asr":
             refs = [i.text or "" for i in items]
@@ -222,7 +229,7 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
                          layer_map=opts.layer_map)
         plans.append(merger.plan(donor, o))
     first = min((min(p.lams) for p in plans if p.lams), default=0)
-    ev.cache = PrefixCache(ev.am.model, arch, first) if plans else None
+    ev.cache = PrefixCache(ev.am.model, arch, first, int(ev.opts.cache_gb * 2**30)) if plans else None
     if progress:
         progress(f"baseline (λ = 0), then {len(points)} merge point(s)")
     base = ev.evaluate()
@@ -242,7 +249,8 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
     return {"baseline": _summary(base), "points": results, "details": details,
             "table": paper_table(results, [c for c, _ in columns]) if columns else
             [{"layers": "-", "lam": 0.0, **_summary(base)}], "first_merged_layer": first,
-            "timing": {"baseline_s": round(base_t, 3), "total_s": round(ev.seconds, 3)}}
+            "timing": {"baseline_s": round(base_t, 3), "total_s": round(ev.seconds, 3)},
+            "replay_cache": ev.cache.describe(len(ev.batches)) if ev.cache else None}
 
 
 def paper_table(points: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:

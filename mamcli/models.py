@@ -234,14 +234,19 @@ class PrefixCache:
     ``record(key)`` captures the outputs of the front end and of layer ``first - 1`` while a
     normal forward runs; ``replay(key)`` makes those modules return the captured outputs (the
     layers before ``first - 1`` return the same object, so their work is skipped too).
+    The outputs take about 0.5 MiB per second of audio at width 768, so at most ``budget_bytes``
+    are kept: batches beyond it are not recorded and run in full at every point.
     """
 
-    def __init__(self, model: Any, arch: Arch, first_merged: int) -> None:
+    def __init__(self, model: Any, arch: Arch, first_merged: int, budget_bytes: int) -> None:
         self.model = model
         names = [f"{arch.prefix}{m}" for m in arch.family.frontend]
         self.frontend = [model.get_submodule(n) for n in names if _has_module(model, n)]
         self.layers = [model.get_submodule(arch.layer_module(i)) for i in range(first_merged)]
         self.store: dict[Any, list[Any]] = {}
+        self.budget = budget_bytes
+        self.used = 0
+        self.full = False  # a batch did not fit: later batches are not recorded either
 
     @property
     def modules(self) -> list[Any]:
@@ -262,7 +267,16 @@ class PrefixCache:
         finally:
             for h in handles:
                 h.remove()
-        self.store[key] = outputs
+        size = _nbytes(outputs)
+        if self.used + size > self.budget:
+            self.full = True
+        else:
+            self.store[key] = outputs
+            self.used += size
+
+    def describe(self, batches: int) -> dict[str, Any]:
+        return {"budget_bytes": self.budget, "used_bytes": self.used, "batches_replayed": len(self.store),
+                "batches": batches}
 
     @contextmanager
     def replay(self, key: Any) -> Iterator[None]:
@@ -277,6 +291,17 @@ class PrefixCache:
         finally:
             for module, _ in patched:
                 del module.forward
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes held by the tensors in a module output (tensors, tuples, lists, dicts, ModelOutputs)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):  # ModelOutput is an OrderedDict
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _has_module(model: Any, name: str) -> bool:

@@ -59,6 +59,26 @@ def test_sweep_point_equals_merged_checkpoint(tiny, mam, tmp_path):
     assert base["details"]["target"]["utterances"] == sweep["details"]["target"]["utterances"]
 
 
+def test_replay_cache_budget_changes_speed_not_results(tiny, mam, tmp_path):
+    """Past --cache-gb, batches run in full at every point: the same numbers, fewer batches replayed."""
+    src, tgt = tiny("bert", layers=4), tiny("hubert-ctc", layers=4)
+    args = ("evaluate", tgt, "--data", LJ, "--limit", "6", "--source", src, "--lam", "0,0.3", "--layers", "2-3")
+    assert mam(*args, "-o", tmp_path / "all.json").code == 0
+    full = json.loads((tmp_path / "all.json").read_text())
+    cache = full["replay_cache"]
+    assert cache["batches_replayed"] == cache["batches"] == 6 and cache["used_bytes"] > 0
+    half = cache["used_bytes"] / 2 / 2**30  # longest clips first: room for one to three of the six batches
+    for gb, replayed in ((half, (1, 2, 3)), (0, (0,))):
+        r = mam(*args, "--cache-gb", gb, "-o", tmp_path / "part.json")
+        assert r.code == 0, r.err
+        part = json.loads((tmp_path / "part.json").read_text())
+        assert part["replay_cache"]["batches_replayed"] in replayed
+        assert part["replay_cache"]["used_bytes"] <= part["replay_cache"]["budget_bytes"]
+        for key, scores in full["details"].items():
+            assert part["details"][key]["utterances"] == scores["utterances"]
+            assert part["details"][key]["wer"] == scores["wer"]
+
+
 def test_blocks_and_table(tiny, mam, tmp_path):
     src, tgt = tiny("bert", layers=4), tiny("hubert-ctc", layers=4)
     r = mam("evaluate", tgt, "--data", LJ, "--limit", "3", "--source", src, "--lam", "0,0.2,0.4", "--blocks", "2",
