@@ -21,7 +21,7 @@ from mamcli.checkpoint import Checkpoint
 from mamcli.data import Dataset, Item, iter_clips
 from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Family
-from mamcli.layers import parse_layers
+from mamcli.layers import layers_spec, parse_layers
 from mamcli.merge import NOISE_KINDS, MergeOptions, TensorStore
 from mamcli.metrics import asr_scores, classification_scores, describe_normaliser, normaliser
 from mamcli.models import (
@@ -69,6 +69,8 @@ class SweepOptions:
             return [(f"{s}-{min(s + self.blocks, num_layers) - 1}", list(range(s, min(s + self.blocks, num_layers))))
                     for s in range(0, num_layers, self.blocks)]
         layers = parse_layers(self.layers, num_layers)
+        if self.layers is not None and self.layers.strip().startswith("top:"):  # show which layers won
+            return [(layers_spec(layers), layers)]
         return [(self.layers or "all", layers)]
 
 

@@ -34,6 +34,17 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
     return sorted(layers)
 
 
+def layers_spec(layers: list[int]) -> str:
+    """The shortest spec ``parse_layers`` reads back: ``[0, 1, 2, 5]`` → ``0-2,5``."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 def top_layers(spec: str, num_layers: int) -> list[int]:
     """``top:K:ranking.json[:metric]`` → the K best layers of a ``mam rank-layers`` report."""
     parts = spec.split(":")

@@ -13,6 +13,7 @@ from conftest import SHARED
 from helpers import load_dir
 from mamcli.checkpoint import resolve
 from mamcli.data import iter_clips, load_dataset, select
+from mamcli.layers import layers_spec, parse_layers
 from mamcli.models import load_audio_model, load_text_model
 from mamcli.rank import RankOptions, pooled_audio, pooled_text, rank_layers
 
@@ -107,6 +108,19 @@ def test_cli_and_ranking_driven_merge(tiny, mam, tmp_path):
         t, o = load_dir(tgt), load_dir(out)
         changed = {int(k.split(".")[3]) for k in t if not torch.equal(t[k], o[k])}
         assert changed == set(chosen)
+
+
+    # a sweep over a ranking names the layers it chose, in a spec that merges the same layers
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "2", "--source", src, "--lam", "0,0.5", "--format", "json",
+            "--layers", f"top:2:{tmp_path / 'rank.json'}:inner")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)[1]["layers"] == layers_spec(report["metrics"]["inner"]["top_k"])
+
+
+@pytest.mark.parametrize("layers,spec", [([0, 1, 2, 5], "0-2,5"), ([3], "3"), ([7, 1, 2], "1-2,7"),
+                                         (list(range(12, 20)), "12-19")])
+def test_layers_spec_round_trips(layers, spec):
+    assert layers_spec(layers) == spec and parse_layers(spec, 24) == sorted(layers)
 
 
 def test_rank_errors(tiny, mam, tmp_path):
