@@ -195,6 +195,49 @@ def _note(msg: str) -> None:
     err.print(msg, markup=False)
 
 
+class _Stages:
+    """Progress on stderr: a line per stage and, on a terminal, a bar over the stage's clips or batches."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.quiet = quiet
+        self.bar = None if quiet or not err.is_terminal else Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=err, transient=True)
+        self.task: Any = None
+
+    def __enter__(self) -> _Stages:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    @property
+    def note(self) -> Callable[[str], None] | None:
+        return None if self.quiet else self._note
+
+    @property
+    def tick(self) -> Callable[[int, int], None] | None:
+        return None if self.bar is None else self._tick
+
+    def _note(self, msg: str) -> None:
+        if self.bar is None:
+            _note(msg)
+        else:
+            self.bar.console.print(msg, markup=False)
+            if self.task is None:
+                self.task = self.bar.add_task(msg, total=None)
+            self.bar.reset(self.task, description=msg, total=None)
+
+    def _tick(self, done: int, total: int) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=done, total=total)
+
+
 @app.command("rank-layers")
 def rank_cmd(
     source: Annotated[str, typer.Argument(help="Source (text) model, with its tokenizer.")],
@@ -313,8 +356,9 @@ def evaluate_cmd(
         first = "dev" if pick_on_dev else split
         corpus = _load_data(data, text_field)
         ds = _select(corpus, first, dev_fraction, folds, limit, seed)
-        note = None if quiet else _note
-        ev = Evaluator(tgt, ds, opts, progress=note)
+        stages = stack.enter_context(_Stages(quiet))
+        note = stages.note
+        ev = Evaluator(tgt, ds, opts, progress=note, ticker=stages.tick)
         bad_clips = list(ev.bad)
         result = sweep(ev, src, sw, families, progress=note)
         rows = [{"split": first, **r} for r in result["table"]]
@@ -323,11 +367,11 @@ def evaluate_cmd(
             if note:
                 note(f"best on dev: layers {best['layers']}, λ = {best['lam']}, {best['column']}; evaluating on test")
             test_ds = _select(corpus, "test", dev_fraction, folds, limit, seed)
-            test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am)  # the model already loaded
+            test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick)  # model loaded
             one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None,
                           noises=[best["noise"]] if best.get("noise") else [],
                           with_source=best["column"] == (src.spec if src else None))
-            test = sweep(test_ev, src if best["lam"] > 0 else None, one, families)
+            test = sweep(test_ev, src if best["lam"] > 0 else None, one, families, progress=note)
             bad_clips += test_ev.bad
             result = {"dev": result, "best_on_dev": best, "test": test}
             rows += [{"split": "test", **r} for r in test["table"]]

@@ -107,8 +107,11 @@ class Evaluator:
     """One loaded model and one set of clips, evaluated as often as a sweep needs."""
 
     def __init__(self, target: Checkpoint, ds: Dataset, opts: EvalOptions,
-                 progress: Callable[[str], None] | None = None, am: AudioModel | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, am: AudioModel | None = None,
+                 ticker: Callable[[int, int], None] | None = None) -> None:
+        """``progress`` gets a line per stage; ``ticker(done, total)`` clips read, then batches scored."""
         self.opts = opts
+        self.ticker = ticker
         self.ds = ds
         self.task = detect_task(target.config) if opts.task == "auto" else opts.task
         if self.task not in ("asr", "aec"):
@@ -128,7 +131,11 @@ class Evaluator:
         self.bad: list[dict[str, str]] = []
         if progress:
             progress(f"reading {len(ds.items)} clips at {self.am.rate} Hz")
-        clips = list(iter_clips(ds, self.am.rate, opts.strict, self.bad))
+        clips = []
+        for clip in iter_clips(ds, self.am.rate, opts.strict, self.bad):
+            clips.append(clip)
+            if ticker:
+                ticker(len(clips) + len(self.bad), len(ds.items))
         if not clips:
             raise MamError(f"no readable clip in {ds.spec!r}")
         self.batch_size = opts.batch_size or default_batch_size(self.am.model)
@@ -166,6 +173,8 @@ class Evaluator:
                 id2label = model.config.id2label
                 texts = [self.to_dataset.get(str(id2label[int(i)]), str(id2label[int(i)])) for i in ids]
             out.update({item.id: t for item, t in zip(batch, texts, strict=True)})
+            if self.ticker:
+                self.ticker(k + 1, len(self.batches))
         model.train(was_training)
         self.seconds += time.perf_counter() - started
         return out

@@ -180,3 +180,20 @@ def test_unwritable_report_path_is_one_line(tiny, mam, tmp_path):
     r = mam("evaluate", tiny("hubert-ctc", layers=2), "--data", LJ, "--limit", "1", "-q",
             "-o", tmp_path / "missing-dir" / "r.json")
     assert r.code == 1 and r.err.startswith("mam: error: cannot write ") and r.err.count("\n") == 1, r.err
+
+
+def test_progress_bar_on_a_terminal_counts_clips_and_batches(tiny, mam, monkeypatch):
+    """On a terminal stderr shows a bar per stage (clips read, then batches scored); stdout stays clean."""
+    import io
+
+    from rich.console import Console
+
+    import mamcli.cli
+
+    buf = io.StringIO()
+    monkeypatch.setattr(mamcli.cli, "err", Console(file=buf, force_terminal=True, width=120))
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "3", "--source", src, "--lam", "0,0.1", "--format", "csv")
+    assert r.code == 0 and r.out.startswith("split,layers,lam")
+    shown = buf.getvalue()
+    assert "reading 3 clips" in shown and "3/3" in shown and "[1/1] layers all" in shown
