@@ -273,8 +273,8 @@ def rank_cmd(
     opts = RankOptions(metric, top_k, n_projections, seed, batch_size, layer_map, strict, device)
     opts.metrics()
     ds = _select(_load_data(data, text_field), split, dev_fraction, folds, limit, seed, fraction)
-    with resolve(source) as src, resolve(target) as tgt:
-        report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=None if quiet else _note)
+    with resolve(source) as src, resolve(target) as tgt, _Stages(quiet) as stages:
+        report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=stages.note, ticker=stages.tick)
     for b in report["bad_clips"]:
         _note(f"skipped unreadable clip {b['id']}: {b['error']}")
     if out is not None:

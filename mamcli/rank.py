@@ -55,8 +55,9 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pooled_audio(am: AudioModel, clips: list[Any], batch_size: int) -> dict[str, np.ndarray]:
-    """Clip id → (layers, hidden) pooled vectors of the audio model."""
+def pooled_audio(am: AudioModel, clips: list[Any], batch_size: int,
+                 ticker: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Clip id → (layers, hidden) pooled vectors of the audio model; ``ticker(clips done, total)``."""
     out: dict[str, np.ndarray] = {}
     for batch in am.batches(clips, batch_size):
         inputs = am.inputs([c.audio for c in batch])
@@ -64,11 +65,14 @@ def pooled_audio(am: AudioModel, clips: list[Any], batch_size: int) -> dict[str,
         mask = am.frame_mask(inputs, hs[0].shape[1])
         pooled = torch.stack([_pool(h, mask) for h in hs], 1)
         out.update({c.item.id: pooled[k].float().cpu().numpy() for k, c in enumerate(batch)})
+        if ticker:
+            ticker(len(out), len(clips))
     return out
 
 
 @torch.no_grad()
-def pooled_text(tm: TextModel, texts: dict[str, str], batch_size: int) -> dict[str, np.ndarray]:
+def pooled_text(tm: TextModel, texts: dict[str, str], batch_size: int,
+                ticker: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Clip id → (layers, hidden) pooled vectors of the text model, on the clip's transcript."""
     out: dict[str, np.ndarray] = {}
     ids = sorted(texts, key=lambda k: (len(texts[k]), k))
@@ -82,13 +86,17 @@ def pooled_text(tm: TextModel, texts: dict[str, str], batch_size: int) -> dict[s
         hs = tm.model(**enc, output_hidden_states=True).hidden_states[1:]
         pooled = torch.stack([_pool(h, enc["attention_mask"]) for h in hs], 1)
         out.update({k: pooled[n].float().cpu().numpy() for n, k in enumerate(chunk)})
+        if ticker:
+            ticker(len(out), len(ids))
     return out
 
 
 def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankOptions,
                 families: tuple[Family, ...] = FAMILIES,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Score every target layer against its source layer and rank them, best first, per metric."""
+                progress: Callable[[str], None] | None = None,
+                ticker: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Score every target layer against its source layer and rank them, best first, per metric.
+    ``progress`` gets a line per stage, ``ticker(done, total)`` the clips of each stage."""
     started = time.perf_counter()
     metrics = opts.metrics()
     src_arch, tgt_arch = source.arch(families), target.arch(families)
@@ -105,15 +113,19 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
     bad: list[dict[str, str]] = []
     if progress:
         progress(f"reading {len(ds.items)} clips")
-    clips = list(iter_clips(ds, am.rate, opts.strict, bad))
+    clips = []
+    for clip in iter_clips(ds, am.rate, opts.strict, bad):
+        clips.append(clip)
+        if ticker:
+            ticker(len(clips) + len(bad), len(ds.items))
     if len(clips) < 2:
         raise MamError(f"rank-layers needs at least 2 readable clips; got {len(clips)}")
     if progress:
         progress("encoding audio")
-    audio = pooled_audio(am, clips, opts.batch_size or default_batch_size(am.model))
+    audio = pooled_audio(am, clips, opts.batch_size or default_batch_size(am.model), ticker)
     if progress:
         progress("encoding text")
-    text = pooled_text(tm, {c.item.id: c.item.text or "" for c in clips}, opts.batch_size or 8)
+    text = pooled_text(tm, {c.item.id: c.item.text or "" for c in clips}, opts.batch_size or 8, ticker)
     ids = sorted(audio)
     a = np.stack([audio[k] for k in ids])  # (pairs, target layers, hidden)
     t = np.stack([text[k] for k in ids])   # (pairs, source layers, hidden)

@@ -182,8 +182,9 @@ def test_unwritable_report_path_is_one_line(tiny, mam, tmp_path):
     assert r.code == 1 and r.err.startswith("mam: error: cannot write ") and r.err.count("\n") == 1, r.err
 
 
-def test_progress_bar_on_a_terminal_counts_clips_and_batches(tiny, mam, monkeypatch):
-    """On a terminal stderr shows a bar per stage (clips read, then batches scored); stdout stays clean."""
+def test_progress_bars_on_a_terminal_count_clips_and_batches(tiny, mam, monkeypatch):
+    """On a terminal stderr shows a bar per stage (evaluate: clips read, batches scored; rank-layers: clips
+    read, audio and text encoded); stdout stays clean."""
     import io
 
     from rich.console import Console
@@ -197,3 +198,8 @@ def test_progress_bar_on_a_terminal_counts_clips_and_batches(tiny, mam, monkeypa
     assert r.code == 0 and r.out.startswith("split,layers,lam")
     shown = buf.getvalue()
     assert "reading 3 clips" in shown and "3/3" in shown and "[1/1] layers all" in shown
+    buf.seek(0)
+    buf.truncate()
+    r = mam("rank-layers", src, tgt, "--data", LJ, "--limit", "3", "--format", "csv")
+    assert r.code == 0 and r.out.startswith("layer,")
+    assert "encoding audio" in buf.getvalue() and "encoding text" in buf.getvalue() and "3/3" in buf.getvalue()
