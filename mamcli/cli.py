@@ -172,7 +172,7 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="An unreadable clip is
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="LJ Speech transcript: normalized | raw.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Clips per forward (default: 1 on CPU, 8 on GPU).")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr (warnings still show).")]
 
 
@@ -261,7 +261,7 @@ def rank_cmd(
     fmt: FormatOpt = "table",
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Rank layers by how alike the source's text and the target's speech representations are."""
@@ -331,7 +331,7 @@ def evaluate_cmd(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the full JSON report here.")] = None,
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Word error rate (CTC ASR) or classification error (audio events), optionally over a merge sweep."""
@@ -431,7 +431,7 @@ def finetune_cmd(
     limit: LimitOpt = None,
     text_field: TextFieldOpt = "normalized",
     normalizer: Annotated[str, typer.Option("--normalizer", help="basic | none.")] = "basic",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     arch_map: ArchMapOpt = None,
     quiet: QuietOpt = False,
 ) -> None:

@@ -198,7 +198,8 @@ class Evaluator:
         return self.score(self.predict())
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"task": self.task, "rate": self.am.rate, "batch_size": self.batch_size,
+        info: dict[str, Any] = {"task": self.task, "device": str(self.am.model.device), "rate": self.am.rate,
+                                "batch_size": self.batch_size,
                                 "padding_safe_batching": self.am.padding_safe, "clips": sum(map(len, self.batches)),
                                 "bad_clips": self.bad}
         if self.task == "asr":

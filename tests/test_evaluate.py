@@ -6,6 +6,7 @@ import json
 
 import jiwer
 import pytest
+import torch
 
 from conftest import ESC10_CLASSES, SHARED
 from mamcli.metrics import asr_scores, classification_scores
@@ -130,6 +131,7 @@ def test_bad_clips_are_named_and_strict_is_fatal(tiny, mam, tmp_path):
     assert "skipped unreadable clip bad" in r.err
     rep = json.loads((tmp_path / "r.json").read_text())
     assert [b["id"] for b in rep["evaluation"]["bad_clips"]] == ["bad"] and rep["evaluation"]["clips"] == 2
+    assert rep["evaluation"]["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # --device auto
     r = mam("evaluate", tgt, "--data", tmp_path / "m.jsonl", "--strict", "-q")
     assert r.code == 1 and r.err.count("\n") == 1 and r.err.startswith("mam: error: ") and "bad.wav" in r.err
 
