@@ -289,14 +289,19 @@ class Clip:
     audio: np.ndarray
 
 
-def iter_clips(ds: Dataset, rate: int, strict: bool = False, bad: list[dict[str, str]] | None = None
-               ) -> Iterator[Clip]:
-    """Read clips one by one; an unreadable clip is reported by name in ``bad`` (fatal with ``strict``)."""
-    for item in ds.items:
+def iter_clips(ds: Dataset, rate: int, strict: bool = False, bad: list[dict[str, str]] | None = None,
+               ticker: Callable[[int, int], None] | None = None) -> Iterator[Clip]:
+    """Read clips one by one; an unreadable clip is reported by name in ``bad`` (fatal with ``strict``).
+    ``ticker(done, total)`` is told after every clip, readable or not."""
+    for n, item in enumerate(ds.items, 1):
         try:
-            yield Clip(item, load_audio(item.path, rate))
+            clip = Clip(item, load_audio(item.path, rate))
         except AudioError as e:
             if strict:
                 raise
             if bad is not None:
                 bad.append({"id": item.id, "path": str(item.path), "error": str(e)})
+        else:
+            yield clip
+        if ticker:
+            ticker(n, len(ds.items))

@@ -131,11 +131,7 @@ class Evaluator:
         self.bad: list[dict[str, str]] = []
         if progress:
             progress(f"reading {len(ds.items)} clips at {self.am.rate} Hz")
-        clips = []
-        for clip in iter_clips(ds, self.am.rate, opts.strict, self.bad):
-            clips.append(clip)
-            if ticker:
-                ticker(len(clips) + len(self.bad), len(ds.items))
+        clips = list(iter_clips(ds, self.am.rate, opts.strict, self.bad, ticker))
         if not clips:
             raise MamError(f"no readable clip in {ds.spec!r}")
         self.batch_size = opts.batch_size or default_batch_size(self.am.model)

@@ -113,11 +113,7 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
     bad: list[dict[str, str]] = []
     if progress:
         progress(f"reading {len(ds.items)} clips")
-    clips = []
-    for clip in iter_clips(ds, am.rate, opts.strict, bad):
-        clips.append(clip)
-        if ticker:
-            ticker(len(clips) + len(bad), len(ds.items))
+    clips = list(iter_clips(ds, am.rate, opts.strict, bad, ticker))
     if len(clips) < 2:
         raise MamError(f"rank-layers needs at least 2 readable clips; got {len(clips)}")
     if progress:
