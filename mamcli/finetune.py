@@ -34,7 +34,7 @@ from mamcli.evaluate import EvalOptions, Evaluator
 from mamcli.families import FAMILIES, Family
 from mamcli.merge import MergeOptions, MergePlan, TensorStore
 from mamcli.metrics import normaliser
-from mamcli.models import AudioModel, InMemoryMerger, ModelStore, _transformers, resolve_device
+from mamcli.models import AudioModel, InMemoryMerger, ModelStore, _transformers, load_audio_model, resolve_device
 from mamcli.report import peak_rss_mib, versions, write_json
 from mamcli.writer import atomic_output_dir
 
@@ -159,22 +159,17 @@ def ctc_targets(tokenizer: Any, texts: list[str], norm: str) -> torch.Tensor:
 
 def load_for_training(target: Checkpoint, task: str, ds: Dataset, device: str) -> AudioModel:
     """The target with its processor; for audio events a classifier sized to the dataset's labels."""
-    from mamcli.models import load_audio_model
-
-    am = load_audio_model(target, task, device)
     labels = ds.all_labels
-    if task != "aec" or sorted(str(v) for v in am.model.config.id2label.values()) == sorted(labels):
-        return am
-    if target.fmt == "beats":
+    if task != "aec":
+        return load_audio_model(target, task, device)
+    if target.fmt != "beats":  # transformers builds the new head while loading: the model is read once
+        saved = sorted(str(v) for v in (target.config.get("id2label") or {}).values())
+        return load_audio_model(target, task, device, labels=None if saved == sorted(labels) else labels)
+    am = load_audio_model(target, task, device)
+    if sorted(str(v) for v in am.model.config.id2label.values()) != sorted(labels):
         from mamcli.beats import new_head
 
         new_head(am.model, labels)
-    else:
-        tf = _transformers()
-        model = tf.AutoModelForAudioClassification.from_pretrained(
-            target.root, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={lab: i for i, lab in enumerate(labels)}, ignore_mismatched_sizes=True)
-        am.model = model.to(resolve_device(device))
     return am
 
 

@@ -114,14 +114,19 @@ def default_batch_size(model: Any) -> int:
     return 1 if model.device.type == "cpu" else 8
 
 
-def load_audio_model(ckpt: Checkpoint, task: str, device: str = "cpu") -> AudioModel:
-    """Load with the target's own classes: CTC for ``asr``, audio classification for ``aec``, base for ``encode``."""
+def load_audio_model(ckpt: Checkpoint, task: str, device: str = "cpu",
+                     labels: list[str] | None = None) -> AudioModel:
+    """Load with the target's own classes: CTC for ``asr``, audio classification for ``aec``, base for ``encode``.
+    ``labels`` (transformers ``aec`` models): a new classifier head for these labels instead of the saved one."""
     if ckpt.fmt == "beats":
         return _load_beats(ckpt, task, device)
     tf = _transformers()
     cls = {"asr": tf.AutoModelForCTC, "aec": tf.AutoModelForAudioClassification, "encode": tf.AutoModel}[task]
+    head: dict[str, Any] = {} if labels is None else {
+        "num_labels": len(labels), "id2label": dict(enumerate(labels)),
+        "label2id": {lab: i for i, lab in enumerate(labels)}, "ignore_mismatched_sizes": True}
     try:
-        model = cls.from_pretrained(ckpt.root).eval().to(resolve_device(device))
+        model = cls.from_pretrained(ckpt.root, **head).eval().to(resolve_device(device))
         with warnings.catch_warnings():  # AST's own defaults (128 mels, 400-point FFT) warn on every load
             warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
             features = tf.AutoFeatureExtractor.from_pretrained(ckpt.root)
