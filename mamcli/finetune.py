@@ -84,10 +84,16 @@ LAM_MODULE = "mam_lams"  # attribute under which the λ logits live on the model
 class LamBank(nn.Module):
     """The trainable λ logits: one per merged layer, or one per layer and part with ``per_part``."""
 
-    def __init__(self, keys: list[str], init: float) -> None:
+    def __init__(self, keys: list[str], init: float, per_part: bool) -> None:
         super().__init__()
         self.keys = keys
+        self.per_part = per_part
         self.logits = nn.Parameter(torch.full((len(keys),), init))
+
+    @staticmethod
+    def key(layer: int, part: str, per_part: bool) -> str:
+        """``"3"`` (one λ per layer) or ``"3.q"`` (per layer and part)."""
+        return f"{layer}.{part}" if per_part else str(layer)
 
     def values(self) -> dict[str, float]:
         return {k: float(torch.sigmoid(v)) for k, v in zip(self.keys, self.logits.detach().cpu(), strict=True)}
@@ -103,17 +109,17 @@ def attach_learnable(model: nn.Module, plan: MergePlan, source: TensorStore, lam
     """Register λ-merge parametrizations on every planned target tensor (unfused layouts only)."""
     if any(p.target_rows is not None for p in plan.pairs):
         raise MamError("L-MAM needs separate q/k/v weights in the target (its attention is fused)")
-    keys = sorted({f"{p.layer}.{p.part}" if per_part else str(p.layer) for p in plan.pairs},
+    keys = sorted({LamBank.key(p.layer, p.part, per_part) for p in plan.pairs},
                   key=lambda k: [int(x) if x.isdigit() else x for x in k.split(".")])
     init = math.log(lam_init / (1 - lam_init)) if 0 < lam_init < 1 else (10.0 if lam_init >= 1 else -10.0)
     device = next(model.parameters()).device
-    bank = LamBank(keys, init).to(device)
+    bank = LamBank(keys, init, per_part).to(device)
     model.add_module(LAM_MODULE, bank)
     for p in plan.pairs:
         module, attr = _module_of(model, p.target)
         src = source.get(p.source)
         src = (src if p.source_rows is None else src[p.source_rows[0]:p.source_rows[1]]).to(device)
-        key = f"{p.layer}.{p.part}" if per_part else str(p.layer)
+        key = LamBank.key(p.layer, p.part, per_part)
         parametrize.register_parametrization(module, attr, LamMerge(src.to(getattr(module, attr).dtype),
                                                                     bank.logits, keys.index(key)))
     return bank
@@ -142,8 +148,7 @@ def lam_table(bank: LamBank, plan: MergePlan, num_layers: int) -> dict[str, list
     values = bank.values()
     table = {p: [0.0] * num_layers for p in plan.options.parts}
     for pair in plan.pairs:
-        key = f"{pair.layer}.{pair.part}" if f"{pair.layer}.{pair.part}" in values else str(pair.layer)
-        table[pair.part][pair.layer] = values[key]
+        table[pair.part][pair.layer] = values[LamBank.key(pair.layer, pair.part, bank.per_part)]
     return table
 
 
