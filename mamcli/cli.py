@@ -141,6 +141,8 @@ def merge_cmd(
         report = _with_progress(lambda cb: merge_to_dir(src, tgt, options, out, force=force, shard_size=size,
                                                         out_dtype=dtype, families=families, progress=cb),
                                 "merging", quiet)
+    for n in report["notes"] if not quiet else ():
+        err.print(f"note: {n}", markup=False, soft_wrap=True)
     if json_out:
         sys.stdout.write(dumps(report))
     elif not quiet:

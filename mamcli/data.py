@@ -290,12 +290,18 @@ class Clip:
 
 
 def iter_clips(ds: Dataset, rate: int, strict: bool = False, bad: list[dict[str, str]] | None = None,
-               ticker: Callable[[int, int], None] | None = None) -> Iterator[Clip]:
-    """Read clips one by one; an unreadable clip is reported by name in ``bad`` (fatal with ``strict``).
-    ``ticker(done, total)`` is told after every clip, readable or not."""
+               ticker: Callable[[int, int], None] | None = None,
+               usable: Callable[[np.ndarray], str | None] | None = None) -> Iterator[Clip]:
+    """Read clips one by one; a clip that cannot be read, or that ``usable`` refuses (it returns why:
+    too short for the model's front end, longer than the model takes), is reported by name in ``bad``
+    and skipped (fatal with ``strict``). ``ticker(done, total)`` is told after every clip."""
     for n, item in enumerate(ds.items, 1):
         try:
-            clip = Clip(item, load_audio(item.path, rate))
+            audio = load_audio(item.path, rate)
+            why = usable(audio) if usable is not None else None
+            if why is not None:
+                raise AudioError(f"{item.path}: {why}")
+            clip = Clip(item, audio)
         except AudioError as e:
             if strict:
                 raise
