@@ -17,6 +17,25 @@ ESC10_CLASSES = sorted(p.name.split(" - ", 1)[1] for p in (SHARED / "esc10/ESC-1
 
 warnings.filterwarnings("ignore")
 
+ROOT = Path(__file__).resolve().parents[1]
+# real pretrained weights: whisper-tiny.en ships in shared/; the others are unpacked by `make models`
+REAL_MODELS = {"whisper-tiny.en": SHARED.parent / "models" / "whisper-tiny.en",
+               "all-MiniLM-L6-v2": ROOT / ".cache" / "models" / "all-MiniLM-L6-v2",
+               "dinov2-vits14": ROOT / ".cache" / "models" / "dinov2-vits14"}
+
+
+@pytest.fixture(scope="session")
+def real() -> Callable[[str], Path]:
+    """``real(name)`` → folder of a real pretrained model; missing is a failure (run `make models`), never a skip."""
+
+    def get(name: str) -> Path:
+        path = REAL_MODELS[name]
+        if not (path / "config.json").is_file():
+            pytest.fail(f"{path} is missing: run `make models` (make test does)")
+        return path
+
+    return get
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
