@@ -1,8 +1,9 @@
 """Checkpoint I/O: resolve a model argument and read its tensors lazily.
 
 A model argument is a local directory, a weight file, an alias or a hub id found in the
-Hugging Face cache. Tensors are read one at a time (safetensors ``safe_open``; torch pickles
-with ``weights_only=True`` and ``mmap``), so a merge never holds two whole models.
+Hugging Face cache; an alias or hub id may name a revision (``org/name@v1.0``). Tensors are read
+one at a time (safetensors ``safe_open``; torch pickles with ``weights_only=True`` and ``mmap``),
+so a merge never holds two whole models.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 # files never copied into a merged output: weights, their indexes, and the target's model card
 NOT_COPIED = re.compile(r".*(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.onnx|\.gguf|\.index\.json)$"
                         r"|README\.md|\.gitattributes|mam_report\.json|lams\.json")
-HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# what mam fetches from a Hub repo: config, tokenizer and processor files, and one weight format (safetensors, or
+# transformers' pytorch_model*.bin when the repo has no safetensors; never other pickles such as training_args.bin)
+HUB_FILES = ["*.json", "*.txt", "*.model"]
+HUB_SAFETENSORS = ["*.safetensors"]
+HUB_BIN = ["pytorch_model*.bin"]
+# a branch, tag or commit after '@' (git ref characters; no '..', so refs/<rev> stays inside the cache)
+REVISION = re.compile(r"(?!.*\.\.)[\w.\-]+(/[\w.\-]+)*")
 
 # safetensors dtype strings <-> torch dtypes (the format's own names)
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -43,7 +50,16 @@ TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 
 def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """huggingface_hub's own switch (HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE), so mam and the library agree."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
+def _offline_variable() -> str:
+    """Which variable turned offline mode on, for the message (huggingface_hub reads HF_HUB_OFFLINE first)."""
+    first = os.environ.get("HF_HUB_OFFLINE") or not os.environ.get("TRANSFORMERS_OFFLINE")
+    return "HF_HUB_OFFLINE" if first else "TRANSFORMERS_OFFLINE"
 
 
 @dataclass(frozen=True)
@@ -247,10 +263,14 @@ def load_torch_file(path: Path) -> Any:
     except FileNotFoundError:
         raise MamError(f"{path} does not exist") from None
     except Exception as e:  # torch raises many types for bad pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise MamError(f"{path}: this checkpoint holds Python objects that mam will not unpickle "
-                           f"(weights_only=True): {first}; re-save its state_dict") from None
+        text = str(e).strip()
+        # weights_only refusals bury the reason after pages of advice: keep only the reason
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+            raise MamError(f"{path}: this checkpoint holds a Python object ({found[1]}) that mam will not unpickle "
+                           "(weights_only=True); save a state dict of tensors instead") from None
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1].strip()
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
         raise MamError(f"{path}: cannot read PyTorch checkpoint: {first}") from None
 
 
@@ -308,37 +328,92 @@ def _read_config(d: Path) -> dict[str, Any]:
         raise MamError(f"{p}: invalid JSON ({e})") from None
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def hub_patterns(listing: Collection[str] | None) -> list[str]:
+    """The files mam downloads from a repo whose file list is ``listing`` (None: not known yet, expect safetensors)."""
+    from fnmatch import fnmatch
+
+    has_bin_only = listing is not None and not any(f.endswith(".safetensors") for f in listing) and any(
+        fnmatch(f, p) for f in listing for p in HUB_BIN)
+    return [*HUB_FILES, *(HUB_BIN if has_bin_only else HUB_SAFETENSORS)]
+
+
+def _cached_listing(repo_id: str, revision: str | None) -> list[str] | None:
+    """The repo's file list that huggingface_hub keeps beside the cache (trees/<commit>.json), if any."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        return [f.path for f in get_cached_repo_tree(repo_id, revision=revision)]
+    except CachedRepoTreeNotFoundError:
+        return None
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The cached snapshot, checked with the patterns the download uses (so a mam download is found offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    listing: list[str] | None = None
+    patterns, missing = hub_patterns(None), []
+    try:
+        listing = _cached_listing(repo_id, revision)
+        patterns = hub_patterns(listing)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except IncompleteSnapshotError as e:
+        snap = Path(e.snapshot_path)
+        missing = [f for f in filter_repo_objects(listing or [], allow_patterns=patterns) if not (snap / f).is_file()]
     except LocalEntryNotFoundError:
         pass
     except Exception as e:  # invalid repo ids and cache errors: say so in one line
         raise MamError(f"{repo_id}: {str(e).splitlines()[0]}") from None
     how = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    if offline() and missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise MamError(f"{repo_id} is only partly in the Hugging Face cache ({shown} missing) and "
+                       f"{_offline_variable()} is set; download it first: {how}")
     if offline():
-        raise MamError(f"{repo_id} is not a local path and not in the Hugging Face cache (HF_HUB_OFFLINE is set); "
-                       f"download it first: {how}")
+        raise MamError(f"{repo_id} is not a local path and not in the Hugging Face cache ({_offline_variable()} is "
+                       f"set); download it first: {how}")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        # the download cached the repo's file list: a repo without safetensors gets its pytorch_model*.bin
+        if (wanted := hub_patterns(_cached_listing(repo_id, path.name))) != patterns:
+            path = Path(snapshot_download(repo_id, revision=path.name, allow_patterns=wanted))
+        return path
     except Exception as e:  # network errors come in many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MamError(f"{repo_id} is neither local nor cached, and downloading failed ({first}); "
                        f"download it with: {how}") from None
 
 
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """``org/name@rev`` → (``org/name``, ``rev``): one branch, tag or commit per model argument."""
+    name, at, rev = spec.partition("@")
+    if not at:
+        return spec, None
+    if not rev:
+        raise MamError(f"{spec!r}: the revision after '@' is empty (write NAME@BRANCH, NAME@TAG or NAME@COMMIT)")
+    if not REVISION.fullmatch(rev):
+        raise MamError(f"{spec!r}: {rev!r} is not a valid revision")
+    return name, rev
+
+
 def resolve(spec: str, revision: str | None = None) -> Checkpoint:
-    """Turn a model argument into an opened :class:`Checkpoint` (tensors still on disk)."""
+    """Turn a model argument into an opened :class:`Checkpoint` (tensors still on disk).
+
+    ``revision`` is the default for a hub id or alias without its own ``@rev``; an existing path is always a path.
+    """
     path = Path(spec).expanduser()
     hub_id = None
     if not path.exists():
-        hub_id = ALIASES[spec][0] if spec in ALIASES else spec
-        if spec not in ALIASES and (spec.startswith((".", "/", "~")) or spec.endswith(WEIGHT_SUFFIXES)
-                                    or spec.count("/") > 1):
+        name = spec.partition("@")[0]
+        if name not in ALIASES and (name.startswith((".", "/", "~")) or name.endswith(WEIGHT_SUFFIXES)
+                                    or name.count("/") > 1):
             raise MamError(f"{spec} does not exist")
+        name, rev = split_revision(spec)
+        revision = rev or revision
+        hub_id = ALIASES[name][0] if name in ALIASES else name
         if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", hub_id):
             raise MamError(f"{spec!r} is not a path, an alias (see `mam models`) or a hub id")
         path = _hub_snapshot(hub_id, revision)
@@ -351,9 +426,9 @@ def resolve(spec: str, revision: str | None = None) -> Checkpoint:
         fmt = "safetensors" if path.suffix == ".safetensors" else "torch"
         config = _read_config(path.parent) if path.suffix == ".safetensors" else {}
         root = path.parent
-    rev = Path(os.path.realpath(root)).name if hub_id and "snapshots" in root.parts else None
-    ckpt = Checkpoint(spec=spec, root=root, files=files, config=config, fmt=fmt, hub_id=hub_id,
-                      revision=rev or revision)
+    # a hub model's revision is the commit its snapshot folder is named by
+    commit = Path(os.path.realpath(root)).name if hub_id else None
+    ckpt = Checkpoint(spec=spec, root=root, files=files, config=config, fmt=fmt, hub_id=hub_id, revision=commit)
     try:
         if fmt == "safetensors":
             ckpt._open_safetensors()
