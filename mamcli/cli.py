@@ -6,19 +6,22 @@ with one line on stderr and a non-zero exit code, never a traceback (set MAM_DEB
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from mamcli.errors import MamError
-from mamcli.tables import FORMATS, render
+from mamcli.errors import Interrupted, MamError
+from mamcli.tables import render
 
 if TYPE_CHECKING:
     import torch
@@ -32,14 +35,85 @@ T = TypeVar("T")
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
                   help="Multimodal Attention Merging: interpolate text/image attention Q/K/V into speech/audio models.")
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a line per message: logs stay grep-able
 
 ArchMapOpt = Annotated[list[Path] | None, typer.Option("--arch-map", help="Extra architecture family (JSON/TOML).")]
 PartsOpt = Annotated[str, typer.Option("--parts", help="Comma list of q,k,v,o.")]
 BiasOpt = Annotated[bool, typer.Option("--bias", help="Merge biases too.")]
 LayerMapOpt = Annotated[str | None, typer.Option("--layer-map",
                                                  help="Source layer per target layer: stride|first|last|LIST.")]
-FormatOpt = Annotated[str, typer.Option("--format", help=f"One of {', '.join(FORMATS)}.")]
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    tsv = "tsv"
+    json = "json"
+
+
+class Task(StrEnum):
+    auto = "auto"
+    asr = "asr"
+    aec = "aec"
+
+
+class Metric(StrEnum):
+    swd = "swd"
+    euclidean = "euclidean"
+    inner = "inner"
+    all = "all"
+
+
+class Split(StrEnum):
+    all = "all"
+    dev = "dev"
+    test = "test"
+
+
+class TextField(StrEnum):
+    normalized = "normalized"
+    raw = "raw"
+
+
+class Noise(StrEnum):
+    source = "source"
+    target = "target"
+    normal = "normal"
+
+
+class OutDtype(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def _finite(value: float | None) -> float | None:
+    """Typer's ranges let NaN through (every comparison with NaN is false): refuse NaN and ±inf here."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, not {value}")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    if _finite(value) is not None and value <= 0:  # type: ignore[operator]
+        raise typer.BadParameter(f"must be greater than 0, not {value}")
+    return value
+
+
+def _share(value: float | None) -> float | None:
+    """A share of the clips: 0 < x < 1 (the dev split) — typer has no open bounds."""
+    if _finite(value) is not None and not 0 < value < 1:  # type: ignore[operator]
+        raise typer.BadParameter(f"must lie strictly between 0 and 1, not {value}")
+    return value
+
+
+def _fraction(value: float | None) -> float | None:
+    if _finite(value) is not None and not 0 < value <= 1:  # type: ignore[operator]
+        raise typer.BadParameter(f"must lie in (0, 1], not {value}")
+    return value
+
+
+FormatOpt = Annotated[Format, typer.Option("--format", help="Output on stdout.")]
 
 
 def _families(arch_map: list[Path] | None) -> tuple[Family, ...]:
@@ -52,21 +126,12 @@ def _parts(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise MamError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
+def _dtype(name: OutDtype | None) -> torch.dtype | None:
     if name is None:
         return None
     import torch
 
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise MamError(f"--out-dtype must be one of fp32, fp16, bf16; got {name!r}")
-    return table[name]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name.value]
 
 
 def _plan_rows(plan: MergePlan, with_lam: bool) -> list[dict[str, Any]]:
@@ -81,7 +146,7 @@ def _plan_rows(plan: MergePlan, with_lam: bool) -> list[dict[str, Any]]:
 
 
 def _print_plan(plan: MergePlan, fmt: str, with_lam: bool) -> None:
-    sys.stdout.write(render(_plan_rows(plan, with_lam), fmt, title="source → target tensor pairs"))
+    _out(render(_plan_rows(plan, with_lam), fmt, title="source → target tensor pairs"))
     if fmt in ("table",):
         err.print(f"source: {plan.source.describe()}")
         err.print(f"target: {plan.target.describe()}")
@@ -98,20 +163,24 @@ def merge_cmd(
     source: Annotated[str, typer.Argument(help="Source (text/image) model: directory, file, alias or hub id.")],
     target: Annotated[str, typer.Argument(help="Target (speech/audio) model.")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output directory.")] = None,
-    lam: Annotated[float | None, typer.Option("--lam", help="λ for every selected layer, in [0,1].")] = None,
+    lam: Annotated[float | None, typer.Option("--lam", min=0.0, max=1.0, callback=_finite,
+                                              help="λ for every selected layer, in [0,1].")] = None,
     lams: Annotated[Path | None, typer.Option("--lams", help="Per-layer λ file (lams.json, report, list).")] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="12-19 | 0,3,5 | top:K:ranking.json[:metric].")] = None,
     parts: PartsOpt = "q,k,v",
     bias: BiasOpt = False,
-    noise: Annotated[str | None, typer.Option("--noise", help="Noise as source: source|target|normal.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise.")] = 0,
+    noise: Annotated[Noise | None, typer.Option("--noise", help="Noise as the source, with the statistics of the "
+                                                "source or target tensors, or N(0,1).")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the noise.")] = 0,
     layer_map: LayerMapOpt = None,
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard past this size, e.g. 2GB.")] = None,
-    out_dtype: Annotated[str | None, typer.Option("--out-dtype", help="fp32|fp16|bf16 (default: target's).")] = None,
+    out_dtype: Annotated[OutDtype | None, typer.Option("--out-dtype", help="Output dtype (default: target's).")]
+    = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the tensor pairs; write nothing.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision for hub ids.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Default hub revision (branch, tag or commit) "
+                                                 "for models without their own @REV.")] = None,
     arch_map: ArchMapOpt = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr.")] = False,
 ) -> None:
@@ -123,8 +192,8 @@ def merge_cmd(
 
     if out is None and not dry_run:
         raise MamError("give an output directory with -o DIR (or --dry-run)")
-    options = MergeOptions(lam=lam, layers=layers, lams_file=lams, parts=_parts(parts), bias=bias, noise=noise,
-                           seed=seed, layer_map=layer_map)
+    options = MergeOptions(lam=lam, layers=layers, lams_file=lams, parts=_parts(parts), bias=bias,
+                           noise=noise.value if noise else None, seed=seed, layer_map=layer_map)
     options.validate()
     families = _families(arch_map)
     size = parse_size(shard_size) if shard_size else None
@@ -139,12 +208,13 @@ def merge_cmd(
             return
         assert out is not None
         report = _with_progress(lambda cb: merge_to_dir(src, tgt, options, out, force=force, shard_size=size,
-                                                        out_dtype=dtype, families=families, progress=cb),
+                                                        out_dtype=dtype, families=families, progress=cb,
+                                                        note=None if quiet else _note),
                                 "merging", quiet)
     for n in report["notes"] if not quiet else ():
         err.print(f"note: {n}", markup=False, soft_wrap=True)
     if json_out:
-        sys.stdout.write(dumps(report))
+        _out(dumps(report))
     elif not quiet:
         n = len(report["tensors"])
         err.print(f"wrote {out} ({n} tensors merged, {report['wall_time_s']} s, peak {report['peak_rss_mib']} MiB)")
@@ -166,31 +236,30 @@ def _with_progress(work: Callable[[Callable[[int, int], None] | None], T], label
 
 DataOpt = Annotated[str, typer.Option("--data", help="ljspeech:PATH | vctk:PATH | esc50:PATH | folders:PATH | "
                                                    "fsdd:PATH | manifest .csv/.tsv/.jsonl")]
-SplitOpt = Annotated[str, typer.Option("--split", help="dev | test | all.")]
-DevFracOpt = Annotated[float, typer.Option("--dev-fraction", help="Share of clips in the dev split.")]
+SplitOpt = Annotated[Split, typer.Option("--split", help="Which part of the seeded dev/test split.")]
+DevFracOpt = Annotated[float, typer.Option("--dev-fraction", callback=_share, help="Share of clips in the dev split.")]
 FoldsOpt = Annotated[str | None, typer.Option("--folds", help="Comma list of folds to use (ESC-50, ESC-10).")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use at most N clips (quick runs).")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use at most N clips (quick runs).")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="An unreadable clip is fatal.")]
-TextFieldOpt = Annotated[str, typer.Option("--text-field", help="LJ Speech transcript: normalized | raw.")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Clips per forward (default: 1 on CPU, 8 on GPU).")]
+TextFieldOpt = Annotated[TextField, typer.Option("--text-field", help="LJ Speech transcript column.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1,
+                                              help="Clips per forward (default: 1 on CPU, 8 on GPU).")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr (warnings still show).")]
 
 
-def _load_data(data: str, text_field: str) -> Dataset:
+def _load_data(data: str, text_field: TextField) -> Dataset:
     from mamcli.data import load_dataset
 
-    if text_field not in ("normalized", "raw"):
-        raise MamError(f"--text-field must be normalized or raw; got {text_field!r}")
-    return load_dataset(data, text_field)
+    return load_dataset(data, text_field.value)
 
 
-def _select(ds: Dataset, split: str, dev_fraction: float, folds: str | None, limit: int | None, seed: int,
+def _select(ds: Dataset, split: Split | str, dev_fraction: float, folds: str | None, limit: int | None, seed: int,
             fraction: float | None = None) -> Dataset:
     from mamcli.data import parse_folds, select
 
-    return select(ds, split, dev_fraction, seed, parse_folds(folds), limit, fraction)
+    return select(ds, Split(split).value, dev_fraction, seed, parse_folds(folds), limit, fraction)
 
 
 def _note(msg: str) -> None:
@@ -245,22 +314,22 @@ def rank_cmd(
     source: Annotated[str, typer.Argument(help="Source (text) model, with its tokenizer.")],
     target: Annotated[str, typer.Argument(help="Target (speech) model, with its feature extractor.")],
     data: DataOpt,
-    metric: Annotated[str, typer.Option("--metric", help="swd | euclidean | inner | all.")] = "swd",
-    fraction: Annotated[float | None, typer.Option("--fraction", help="Share of the data to use (paper: 0.1).")]
-    = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="How many layers to pick (default 8).")] = None,
-    n_projections: Annotated[int, typer.Option("--n-projections", help="SWD projections.")] = 200,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, fraction and SWD projections.")] = 0,
-    split: SplitOpt = "all",
+    metric: Annotated[Metric, typer.Option("--metric", help="Similarity metric, or all three.")] = Metric.swd,
+    fraction: Annotated[float | None, typer.Option("--fraction", callback=_fraction,
+                                                   help="Share of the data to use (paper: 0.1).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="How many layers to pick (default 8).")] = None,
+    n_projections: Annotated[int, typer.Option("--n-projections", min=1, help="SWD projections.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the split, fraction and SWD projections.")] = 0,
+    split: SplitOpt = Split.all,
     dev_fraction: DevFracOpt = 0.1,
     folds: FoldsOpt = None,
     limit: LimitOpt = None,
     strict: StrictOpt = False,
-    text_field: TextFieldOpt = "normalized",
+    text_field: TextFieldOpt = TextField.normalized,
     batch_size: BatchOpt = None,
     layer_map: LayerMapOpt = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the JSON report here.")] = None,
-    fmt: FormatOpt = "table",
+    fmt: FormatOpt = Format.table,
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
     device: DeviceOpt = "auto",
@@ -271,14 +340,19 @@ def rank_cmd(
     from mamcli.rank import RankOptions, rank_layers, ranking_rows
     from mamcli.report import dumps, write_json
 
-    _check_format(fmt)
-    opts = RankOptions(metric, top_k, n_projections, seed, batch_size, layer_map, strict, device)
+    opts = RankOptions(metric=metric.value, top_k=top_k, n_projections=n_projections, seed=seed,
+                       batch_size=batch_size, layer_map=layer_map, strict=strict, device=device)
     opts.metrics()
+    _check_report_paths(out, plot)
     ds = _select(_load_data(data, text_field), split, dev_fraction, folds, limit, seed, fraction)
     with resolve(source) as src, resolve(target) as tgt, _Stages(quiet) as stages:
         report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=stages.note, ticker=stages.tick)
     for b in report["bad_clips"]:
-        _note(f"skipped unreadable clip {b['id']}: {b['error']}")
+        _note(f"skipped clip {b['id']}: {b['error']}")
+    rows = ranking_rows(report)
+    _out(render(rows, fmt) if fmt != "json" else dumps(report))  # first: a failed write loses nothing
+    for m, r in report["metrics"].items() if not quiet else ():
+        _note(f"{m} ({r['orientation']}): top {report['top_k']} layers {','.join(map(str, r['top_k']))}")
     if out is not None:
         write_json(out, report)
     if plot is not None:
@@ -287,10 +361,6 @@ def rank_cmd(
         layers = list(range(len(report["layer_map"])))
         line_plot({m: (layers, r["scores"]) for m, r in report["metrics"].items()}, "target layer", "score",
                   "per-layer similarity", plot)
-    rows = ranking_rows(report)
-    sys.stdout.write(render(rows, fmt) if fmt != "json" else dumps(report))
-    for m, r in report["metrics"].items() if not quiet else ():
-        _note(f"{m} ({r['orientation']}): top {report['top_k']} layers {','.join(map(str, r['top_k']))}")
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -304,32 +374,35 @@ def _floats(text: str, what: str) -> list[float]:
 def evaluate_cmd(
     target: Annotated[str, typer.Argument(help="Speech (CTC) or audio-event model to evaluate.")],
     data: DataOpt,
-    task: Annotated[str, typer.Option("--task", help="asr | aec | auto (from the model's head).")] = "auto",
+    task: Annotated[Task, typer.Option("--task", help="Speech recognition, audio events, or auto (from the "
+                                       "model's head).")] = Task.auto,
     source: Annotated[str | None, typer.Option("--source", help="Source model for a λ sweep.")] = None,
     lam: Annotated[str, typer.Option("--lam", help="Comma list of λ, e.g. 0,0.05,0.1.")] = "0",
     layers: Annotated[str | None, typer.Option("--layers", help="Layers merged at each point.")] = None,
-    blocks: Annotated[int | None, typer.Option("--blocks", help="Sweep consecutive blocks of N layers.")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", min=1, help="Sweep consecutive blocks of N layers.")]
+    = None,
     noise: Annotated[str | None, typer.Option("--noise", help="Noise columns: source,target,normal.")] = None,
     noise_only: Annotated[bool, typer.Option("--noise-only", help="Only the noise columns, no source.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the noise.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the split and the noise.")] = 0,
     parts: PartsOpt = "q,k,v",
     bias: BiasOpt = False,
     layer_map: LayerMapOpt = None,
-    split: SplitOpt = "all",
+    split: SplitOpt = Split.all,
     pick_on_dev: Annotated[bool, typer.Option("--pick-on-dev", help="Sweep on dev, report the best point on test.")]
     = False,
     dev_fraction: DevFracOpt = 0.1,
     folds: FoldsOpt = None,
     limit: LimitOpt = None,
     strict: StrictOpt = False,
-    text_field: TextFieldOpt = "normalized",
+    text_field: TextFieldOpt = TextField.normalized,
     normalizer: Annotated[str, typer.Option("--normalizer", help="Text normaliser: basic | none.")] = "basic",
     label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
     = None,
     batch_size: BatchOpt = None,
-    cache_gb: Annotated[float, typer.Option("--cache-gb", help="Memory for replaying unmerged layers in a sweep "
+    cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, callback=_finite,
+                                            help="Memory for replaying unmerged layers in a sweep "
                                             "(about 2 GB per hour of audio); batches beyond it run in full.")] = 4.0,
-    fmt: FormatOpt = "table",
+    fmt: FormatOpt = Format.table,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the full JSON report here.")] = None,
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
@@ -344,14 +417,15 @@ def evaluate_cmd(
     from mamcli.report import write_json
 
     started = time.perf_counter()
-    _check_format(fmt)
-    opts = EvalOptions(task, normalizer, batch_size, strict, label_map, device, cache_gb)
+    opts = EvalOptions(task=task.value, normalizer=normalizer, batch_size=batch_size, strict=strict,
+                       label_map=label_map, device=device, cache_gb=cache_gb)
     sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
                       noises=[n.strip() for n in noise.split(",")] if noise else [], with_source=not noise_only,
                       seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map)
     families = _families(arch_map)
-    if pick_on_dev and split != "all":
+    if pick_on_dev and split != Split.all:
         raise MamError("--pick-on-dev makes its own dev/test split; leave --split out")
+    _check_report_paths(out, plot)
     with ExitStack() as stack:
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
@@ -367,7 +441,7 @@ def evaluate_cmd(
         if pick_on_dev:
             best = best_point(result["points"])
             if note:
-                note(f"best on dev: layers {best['layers']}, λ = {best['lam']}, {best['column']}; evaluating on test")
+                note(f"best on dev: {_point_name(best)}; evaluating it on test")
             test_ds = _select(corpus, "test", dev_fraction, folds, limit, seed)
             test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick)  # model loaded
             one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None,
@@ -379,12 +453,28 @@ def evaluate_cmd(
             rows += [{"split": "test", **r} for r in test["table"]]
         report = evaluate_report(tgt, ds, ev, result, started, src)
     for b in bad_clips:
-        _note(f"skipped unreadable clip {b['id']}: {b['error']}")
-    if out is not None:
+        _note(f"skipped clip {b['id']}: {b['error']}")
+    _out(render(rows, fmt, title="error by λ (rel.red. = relative error reduction vs λ = 0)"))
+    if out is not None:  # after the results: a full disk or a vanished folder loses no result
         write_json(out, report)
     if plot is not None:
         _plot_sweep(result["dev"] if pick_on_dev else result, plot)
-    sys.stdout.write(render(rows, fmt, title="error by λ (rel.red. = relative error reduction vs λ = 0)"))
+
+
+def _point_name(p: dict[str, Any]) -> str:
+    """A sweep point in words: the unmerged target, or λ on which layers from which source."""
+    if p["lam"] == 0:
+        return "λ = 0 (the unmerged target)"
+    return f"λ = {p['lam']} on layers {p['layers'] or 'all'}, from {p['column']}"
+
+
+def _check_report_paths(*paths: Path | None) -> None:
+    """-o and --plot files must be writable before minutes of work, not found unwritable after them."""
+    from mamcli.writer import check_writable
+
+    for path in paths:
+        if path is not None:
+            check_writable(path)
 
 
 def _plot_sweep(result: dict[str, Any], path: Path) -> None:
@@ -407,31 +497,34 @@ def finetune_cmd(
     target: Annotated[str, typer.Argument(help="Speech (CTC) or audio-event model to fine-tune.")],
     data: DataOpt,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory (checkpoint, lams.json, report).")],
-    task: Annotated[str, typer.Option("--task", help="asr | aec | auto.")] = "auto",
+    task: Annotated[Task, typer.Option("--task", help="Speech recognition, audio events, or auto.")] = Task.auto,
     source: Annotated[str | None, typer.Option("--source", help="Source model: MAM or L-MAM.")] = None,
     learnable_lam: Annotated[bool, typer.Option("--learnable-lam", help="L-MAM: learn λ per layer.")] = False,
-    lam_init: Annotated[float | None, typer.Option("--lam-init", help="Fixed λ (MAM) or starting λ (L-MAM).")]
-    = None,
+    lam_init: Annotated[float | None, typer.Option("--lam-init", min=0.0, max=1.0, callback=_finite,
+                                                   help="Fixed λ (MAM) or starting λ (L-MAM).")] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="Layers merged (default: all).")] = None,
     per_part: Annotated[bool, typer.Option("--per-part", help="Separate λ for Q, K and V.")] = False,
     parts: PartsOpt = "q,k,v",
-    epochs: Annotated[int, typer.Option("--epochs")] = 1,
-    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-5 for ASR, 1e-3 for audio events.")]
-    = None,
-    lam_lr: Annotated[float, typer.Option("--lam-lr", help="Learning rate of the λ logits.")] = 1e-2,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
-    grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
-    warmup: Annotated[int, typer.Option("--warmup", help="Linear warm-up steps.")] = 0,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
+    lr: Annotated[float | None, typer.Option("--lr", callback=_positive,
+                                             help="Default: 1e-5 for ASR, 1e-3 for audio events.")] = None,
+    lam_lr: Annotated[float, typer.Option("--lam-lr", callback=_positive,
+                                          help="Learning rate of the λ logits.")] = 1e-2,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1)] = 1,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Linear warm-up steps.")] = 0,
     freeze_feature_encoder: Annotated[bool, typer.Option("--freeze-feature-encoder")] = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop (resumably) after N steps.")] = None,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 50,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop (resumably) after N steps.")]
+    = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")]
+    = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in DIR.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over in an existing DIR.")] = False,
     dev_fraction: DevFracOpt = 0.1,
     folds: FoldsOpt = None,
     limit: LimitOpt = None,
-    text_field: TextFieldOpt = "normalized",
+    text_field: TextFieldOpt = TextField.normalized,
     normalizer: Annotated[str, typer.Option("--normalizer", help="basic | none.")] = "basic",
     device: DeviceOpt = "auto",
     arch_map: ArchMapOpt = None,
@@ -446,7 +539,7 @@ def finetune_cmd(
     with ExitStack() as stack:
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
-        kind = detect_task(tgt.config) if task == "auto" else task
+        kind = detect_task(tgt.config) if task == Task.auto else task.value
         opts = FinetuneOptions(task=kind, lam_init=lam_init, learnable_lam=learnable_lam, layers=layers,
                                per_part=per_part, parts=_parts(parts), epochs=epochs,
                                lr=lr if lr is not None else (1e-5 if kind == "asr" else 1e-3), lam_lr=lam_lr,
@@ -459,7 +552,7 @@ def finetune_cmd(
         report = finetune(tgt, train, dev, opts, out, src, resume=resume, force=force,
                           families=_families(arch_map), progress=None if quiet else _note)
     if "process" not in report:  # under a launcher, only the main process reports
-        sys.stdout.write(dumps(report))
+        _out(dumps(report))
 
 
 @app.command("map")
@@ -469,15 +562,15 @@ def map_cmd(
     parts: PartsOpt = "q,k,v",
     bias: BiasOpt = False,
     layer_map: LayerMapOpt = None,
-    fmt: FormatOpt = "table",
-    revision: Annotated[str | None, typer.Option("--revision")] = None,
+    fmt: FormatOpt = Format.table,
+    revision: Annotated[str | None, typer.Option("--revision", help="Default hub revision (branch, tag or commit) "
+                                                 "for models without their own @REV.")] = None,
     arch_map: ArchMapOpt = None,
 ) -> None:
     """Print every source→target tensor pair with shapes, and the target attention tensors left unmapped."""
     from mamcli.checkpoint import resolve
     from mamcli.merge import MergeOptions, plan_merge
 
-    _check_format(fmt)
     options = MergeOptions(lam=1.0, parts=_parts(parts), bias=bias, layer_map=layer_map)
     with resolve(source, revision) as src, resolve(target, revision) as tgt:
         plan = plan_merge(src, tgt, options, _families(arch_map))
@@ -491,61 +584,112 @@ def verify_cmd(directory: Annotated[Path, typer.Argument(help="A `mam merge` out
     from mamcli.report import dumps
 
     result = verify_dir(directory)
-    sys.stdout.write(dumps(result))
+    _out(dumps(result))
     if not result["ok"]:
         bad = [f for f, r in result["files"].items() if not r["ok"]]
         raise MamError(f"{directory}: hash mismatch in {', '.join(bad)}")
 
 
 @app.command("models")
-def models_cmd(fmt: FormatOpt = "table") -> None:
+def models_cmd(fmt: FormatOpt = Format.table) -> None:
     """List the model aliases and the hub ids they stand for."""
     from mamcli.aliases import ALIASES
 
-    _check_format(fmt)
     rows = [{"alias": a, "hub_id": h, "about": d} for a, (h, d) in ALIASES.items()]
-    sys.stdout.write(render(rows, fmt))
+    _out(render(rows, fmt))
 
 
 @app.command("families")
-def families_cmd(fmt: FormatOpt = "table", arch_map: ArchMapOpt = None) -> None:
+def families_cmd(fmt: FormatOpt = Format.table, arch_map: ArchMapOpt = None) -> None:
     """List the architecture families and where they keep Q/K/V."""
-    _check_format(fmt)
     rows = [{"family": f.name, "modality": f.modality, "model_types": ",".join(f.model_types),
              "q_weight": " | ".join(f"{lay.layer}.{lay.module('q')}.weight" for lay in f.layouts),
              "about": f.description} for f in _families(arch_map)]
-    sys.stdout.write(render(rows, fmt))
+    _out(render(rows, fmt))
+
+
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Ctrl-C, kill and a closed terminal raise :class:`Interrupted` where the program is, so temporary
+    output is removed and a fine-tune saves its state; the exit code is then 128 + the signal's number."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    nums = [getattr(signal, name) for name in SIGNALS if hasattr(signal, name)]
+    previous = {n: signal.signal(n, raise_interrupted) for n in nums}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+
+
+class StdoutError(MamError):
+    """stdout is closed or full: results cannot be delivered."""
+
+
+def _out(text: str) -> None:
+    """Results to stdout, flushed, so a full or closed stdout is an error of its own (exit 1), named."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError):  # point fd 1 at /dev/null: the exit flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise StdoutError(f"cannot write to standard output: {e.strerror or e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the Typer app, turning every failure into one line and an exit code."""
+    """Entry point: run the Typer app, turning every failure into one line and an exit code:
+    1 bad input or a failure of the machine (disk full, read-only), 2 usage, 3 a bug, 128 + N signal N."""
     command = typer.main.get_command(app)
     debug = bool(os.environ.get("MAM_DEBUG"))
+    code = 0
     try:
-        command.main(args=argv, prog_name="mam", standalone_mode=False)
+        with _signals_raise():
+            rv = command.main(args=argv, prog_name="mam", standalone_mode=False)
+            code = rv if isinstance(rv, int) else 0  # typer.Exit / --help come back as a return value
+            _out("")
     except MamError as e:
         if debug:
             raise
         err.print(f"mam: error: {e}", markup=False, soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("mam: interrupted; nothing was written", markup=False)
-        sys.exit(130)
+        code = 1
+    except Interrupted as e:
+        err.print(f"mam: interrupted by {e}; nothing half-written was left", markup=False)
+        code = 128 + e.signum
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("mam: interrupted; nothing half-written was left", markup=False)
+        code = 130
     except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        err.print("mam: interrupted", markup=False)
-        sys.exit(130)
+        code = e.exit_code
+    except OSError as e:  # the machine, not a bug: disk full, read-only file system, permissions
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        err.print(f"mam: error: {where}{e.strerror or e}", markup=False, soft_wrap=True)
+        code = 1
     except Exception as e:
         usage = getattr(e, "format_message", None)
-        if callable(usage) and isinstance(getattr(e, "exit_code", None), int):  # click/typer usage errors
+        if callable(usage) and isinstance(getattr(e, "exit_code", None), int):  # usage errors (typer's own click)
             err.print(f"mam: error: {usage()}", markup=False, soft_wrap=True)
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
         if debug:  # a bug, not bad input: still one line, with the way to the traceback
             raise
         err.print(f"mam: internal error: {type(e).__name__}: {e} (MAM_DEBUG=1 shows the traceback)",
                   markup=False, soft_wrap=True)
-        sys.exit(3)
+        code = 3
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,3 +3,15 @@
 
 class MamError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP, raised where the program is so every ``finally`` and cleanup runs; the CLI
+    exits 128 + signal number (130, 143, 129) like a shell. Not an Exception: ``except Exception`` must not
+    swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

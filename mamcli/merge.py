@@ -25,10 +25,9 @@ from mamcli.errors import MamError
 from mamcli.families import FAMILIES, KINDS, PARTS, Arch, Family
 from mamcli.layers import check_lam, load_lams, parse_layer_map, parse_layers, uniform_lams
 from mamcli.report import peak_rss_mib, versions, write_json
-from mamcli.writer import OutTensor, SafetensorsWriter, atomic_output_dir, tensor_bytes
+from mamcli.writer import REPORT_FILE, OutTensor, SafetensorsWriter, atomic_output_dir, hash_tree, tensor_bytes
 
 NOISE_KINDS = ("source", "target", "normal")
-REPORT_NAME = "mam_report.json"
 
 
 class TensorStore(Protocol):
@@ -309,8 +308,10 @@ def _output_order(target: Checkpoint) -> list[TensorInfo]:
 def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, out: Path, *,
                  force: bool = False, shard_size: int | None = None, out_dtype: torch.dtype | None = None,
                  families: tuple[Family, ...] = FAMILIES,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Merge and write ``out`` atomically: safetensors weights, target's config/processor files, report."""
+                 progress: Callable[[int, int], None] | None = None,
+                 note: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Merge and write ``out`` atomically: safetensors weights, target's config/processor files, report.
+    ``force`` replaces only an earlier mam output, never an input (:func:`mamcli.writer.check_replaceable`)."""
     started = time.perf_counter()
     plan = plan_merge(source, target, options, families)
     infos = _output_order(target)
@@ -322,7 +323,8 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
         {"source": source.hub_id or source.spec, "target": target.hub_id or target.spec, **recipe},
         separators=(",", ":"))}
     merged = MergedTensors(plan, source, target)
-    with _one_torch_thread(), ThreadPoolExecutor(max_workers=1) as pool, atomic_output_dir(out, force) as tmp:
+    with _one_torch_thread(), ThreadPoolExecutor(max_workers=1) as pool, \
+            atomic_output_dir(out, force, (source.root, target.root), note=note) as tmp:
         # hashing the inputs overlaps the writes (hashlib releases the GIL)
         hashes = {"source": pool.submit(source.weight_hashes), "target": pool.submit(target.weight_hashes)}
         writer = SafetensorsWriter(tmp, planned, metadata, shard_size)
@@ -361,12 +363,13 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
             "unmapped_target_attention": plan.unmapped,
             "notes": plan.notes,
             "outputs": {"files": files, "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else "target",
-                        "copied": sorted(p.name for p in tmp.iterdir() if p.name not in files)},
+                        "copied": sorted(p.name for p in tmp.iterdir() if p.name not in files),
+                        "hashes": hash_tree(tmp, known=files)},
             "versions": versions(),
             "wall_time_s": round(time.perf_counter() - started, 3),
             "peak_rss_mib": peak_rss_mib(),
         }
-        write_json(tmp / REPORT_NAME, report)
+        write_json(tmp / REPORT_FILE, report)
     report["output_dir"] = str(out)
     return report
 
@@ -391,20 +394,27 @@ def _describe(ckpt: Checkpoint, arch: Arch, hashes: dict[str, str]) -> dict[str,
 
 
 def verify_dir(out: Path) -> dict[str, Any]:
-    """Recompute the sha256 of every weight file in a merged directory and compare with its report."""
-    from mamcli.checkpoint import sha256_file
-
-    report_path = out / REPORT_NAME
+    """Recompute the sha256 of every file a mam output holds (weights, config, tokenizer, λ file) and compare
+    with its report; a file the report names that is gone is "missing", a file it does not name "extra"."""
+    report_path = out / REPORT_FILE
     try:
         report = json.loads(report_path.read_text())
-        expected: dict[str, str] = report["outputs"]["files"]
+        outputs = report["outputs"]
+        expected: dict[str, str] = outputs.get("hashes") or outputs["files"]
+        if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+            raise TypeError
     except FileNotFoundError:
-        raise MamError(f"{report_path} does not exist: is {out} a `mam merge` output?") from None
-    except (ValueError, KeyError, TypeError):
-        raise MamError(f"{report_path} is not a mam report") from None
+        raise MamError(f"{report_path} does not exist: is {out} a mam output?") from None
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise MamError(f"{report_path} is not a mam report (no outputs.hashes)") from None
+    except OSError as e:
+        raise MamError(f"cannot read {report_path}: {e.strerror}") from None
+    actual = hash_tree(out)
     results = {}
     for name, digest in expected.items():
-        path = out / name
-        actual = sha256_file(path, use_cache=False) if path.is_file() else None
-        results[name] = {"expected": digest, "actual": actual, "ok": actual == digest}
-    return {"dir": str(out), "ok": all(r["ok"] for r in results.values()), "files": results}
+        got = actual.get(name)
+        status = "ok" if got == digest else ("missing" if got is None else "hash mismatch")
+        results[name] = {"expected": digest, "actual": got, "ok": status == "ok", "status": status}
+    extra = sorted(set(actual) - set(expected)) if "hashes" in outputs else []
+    return {"dir": str(out), "ok": all(r["ok"] for r in results.values()) and not extra, "files": results,
+            "extra": extra}

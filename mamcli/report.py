@@ -41,8 +41,9 @@ def write_json(path: Path, obj: Any) -> None:
 
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(dumps(obj))
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise MamError(f"cannot write {path}: {e.strerror}") from None
+        raise MamError(f"cannot write {path}: {e.strerror or e}") from None

@@ -9,20 +9,19 @@ Outputs are read back with ``safe_open`` in the tests.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import queue
 import shutil
-import signal
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import BinaryIO
 
 import torch
@@ -196,54 +195,188 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-class _Terminated(BaseException):
-    """SIGTERM turned into an exception so cleanup runs (like Ctrl-C's KeyboardInterrupt)."""
+NAME_MAX = 255  # bytes in one path component on the usual file systems
+REPORT_FILE = "mam_report.json"  # what marks a folder as written by mam
 
 
-@contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; on success rename it to ``out``, otherwise delete it.
+def _hidden_sibling(out: Path, kind: str) -> str:
+    """``.NAME.PID.<kind>``, with NAME shortened so a legal output name never gives an illegal sibling."""
+    room = NAME_MAX - len(f"..{os.getpid()}.") - 32  # 32: the kind, or mkdtemp's random part and ".mam-tmp"
+    name = out.name if len(out.name.encode()) <= room else out.name.encode()[:room].decode(errors="ignore")
+    return f".{name}.{os.getpid()}.{kind}"
 
-    An existing ``out`` is an error unless ``force``; with ``force`` it is only replaced once the
-    new output is complete, so an interrupted run never leaves a half-written or missing DIR.
-    """
+
+def _protected(out: Path, inputs: Iterable[Path]) -> str | None:
+    """Why ``out`` must never be replaced (an input, or a folder that holds the cwd or an input), or None."""
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if out == Path(out.anchor) or out == home:
+        return "it is the root or home folder"
+    if cwd == out or out in cwd.parents:
+        return "it holds the current directory"
+    for p in inputs:
+        p = Path(p).expanduser().resolve()
+        if p == out:
+            return "it is an input of this run"
+        if out in p.parents:
+            return f"it holds an input of this run ({p})"
+    return None
+
+
+def check_replaceable(out: Path, inputs: Iterable[Path] = ()) -> None:
+    """``--force`` replaces only what mam wrote (a folder holding mam_report.json) or an empty folder,
+    and never an input, the cwd, an ancestor of either, home or /. Anything else is an error."""
+    out = out.expanduser().absolute()
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise MamError(f"{out} exists and is not a folder mam wrote; refusing to replace it, even with --force")
+    real = out.resolve()
+    why = _protected(real, inputs)
+    if why is not None:
+        raise MamError(f"refusing to replace {out}: {why}")
+    try:
+        empty = not any(real.iterdir())
+    except OSError as e:
+        raise MamError(f"cannot read {out}: {e.strerror}") from None
+    if not empty and not (real / REPORT_FILE).is_file():
+        raise MamError(f"{out} exists and was not written by mam (no {REPORT_FILE}); refusing to replace it, "
+                       "even with --force: remove it yourself or choose another -o")
+
+
+def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Everything about an output folder that can be known before any work: may it be replaced, can its
+    parent be written, is its name legal. Called up front so a run never fails only after its work."""
     out = out.expanduser().absolute()
     if out.exists() and not force:
         raise MamError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise MamError(f"{out} exists and is not a directory")
+    if force:
+        check_replaceable(out, inputs)
+    check_writable(out, folder=True)
+
+
+def check_writable(path: Path, folder: bool = False) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable folder, and ``path`` of the right kind."""
+    path = path.expanduser().absolute()
+    if len(path.name.encode()) > NAME_MAX:
+        raise MamError(f"{path.name[:40]}…: file name longer than {NAME_MAX} bytes")
+    if path.exists() and path.is_dir() != folder:
+        raise MamError(f"{path} exists and is {'not ' if folder else ''}a folder")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MamError(f"cannot write {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MamError(f"cannot write {path}: {parent} is not writable")
+
+
+def _alive(pid: int) -> bool:
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".mam-tmp", dir=out.parent))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: Path, note: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove temporary siblings of ``out`` left by a mam run that was killed (SIGKILL, power loss):
+    ``.NAME.PID.*.mam-tmp`` / ``.NAME.PID.mam-old`` whose process is gone. Called under the output lock."""
+    removed = []
+    stem = _hidden_sibling(out, "").rsplit(".", 2)[0]  # ".NAME" as the siblings spell it
+    for p in out.parent.glob(f"{glob.escape(stem)}.*"):
+        parts = p.name[len(stem) + 1:].split(".")
+        if len(parts) < 2 or not parts[0].isdigit() or not p.name.endswith((".mam-tmp", ".mam-old")):
+            continue
+        if int(parts[0]) != os.getpid() and not _alive(int(parts[0])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            if note is not None:
+                note(f"removed {p}, left by an interrupted mam run")
+    return removed
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on the output path for the whole run, so two runs on one -o cannot both write it:
+    the second is refused at once. The lock file lives in mam's cache (named by the path's hash), so
+    nothing is left beside the user's output."""
+    from filelock import FileLock, Timeout
+
+    from mamcli.checkpoint import cache_dir
+
+    out = out.expanduser().absolute()
+    key = hashlib.sha256(str(out).encode()).hexdigest()[:32]
+    try:
+        (cache_dir() / "locks").mkdir(parents=True, exist_ok=True)
+        lock = FileLock(cache_dir() / "locks" / f"{key}.lock", timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise MamError(f"another mam run is writing {out}; wait for it or choose another -o") from None
     except OSError as e:
-        raise MamError(f"cannot create output next to {out}: {e.strerror}") from None
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated()
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
+        raise MamError(f"cannot take the output lock for {out} in {cache_dir()}: {e.strerror}") from None
     try:
-        yield tmp
-        fsync_dir(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.mam-old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        fsync_dir(out.parent)
-    except _Terminated:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise KeyboardInterrupt from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        lock.release()
 
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False, inputs: Iterable[Path] = (), *, lock: bool = True,
+                      note: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success rename it to ``out``, otherwise delete it.
+
+    An existing ``out`` is an error unless ``force``, and even then only what mam wrote may be replaced
+    (:func:`check_replaceable`); it is replaced only once the new output is complete, so an interrupted run
+    never leaves a half-written or missing DIR. ``lock``: hold :func:`output_lock` meanwhile (off when the
+    caller already holds it). Folders get the umask's permissions, like any other tool's.
+    """
+    out = out.expanduser().absolute()
+    check_output_dir(out, force, inputs)
+    with output_lock(out) if lock else contextlib.nullcontext():
+        remove_stale(out, note)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=_hidden_sibling(out, ""), suffix=".mam-tmp", dir=out.parent))
+            tmp.chmod(0o777 & ~_umask())
+        except OSError as e:
+            raise MamError(f"cannot create output next to {out}: {e.strerror}") from None
+        try:
+            yield tmp
+            fsync_dir(tmp)
+            if out.exists():  # it appeared while we worked, or --force: same rules as at the start
+                if not force:
+                    raise MamError(f"{out} appeared while this run worked; pass --force to replace it")
+                check_replaceable(out, inputs)
+                old = out.with_name(_hidden_sibling(out, "mam-old"))
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+            fsync_dir(out.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def hash_tree(directory: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file under ``directory`` (relative POSIX names) except mam's report and run state;
+    ``known`` hashes (the weights, hashed while written) are reused, not read again."""
+    from mamcli.checkpoint import sha256_file
+
+    out: dict[str, str] = {}
+    for p in sorted(directory.rglob("*")):
+        name = p.relative_to(directory).as_posix()
+        if p.is_file() and name != REPORT_FILE and not name.startswith(".mam-"):
+            out[name] = (known or {}).get(name) or sha256_file(p, use_cache=False)
+    return out
 
 
 def fsync_dir(path: Path) -> None:

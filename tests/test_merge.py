@@ -357,7 +357,7 @@ def test_force_replaces_only_after_success(tiny, mam, tmp_path):
     r = mam("merge", src, tgt, "--lam", "0.9", "-o", out, "-q")
     assert r.code == 1 and "--force" in r.err
     assert (out / "model.safetensors").read_bytes() == before
-    r = mam("merge", src, tgt, "--lam", "7", "-o", out, "-q", "--force")
+    r = mam("merge", src, tgt, "--lam", "0.5", "--layers", "7", "-o", out, "-q", "--force")
     assert r.code == 1 and (out / "model.safetensors").read_bytes() == before
     assert mam("merge", src, tgt, "--lam", "0.9", "-o", out, "-q", "--force").code == 0
     assert (out / "model.safetensors").read_bytes() != before
