@@ -578,16 +578,22 @@ def map_cmd(
 
 
 @app.command("verify")
-def verify_cmd(directory: Annotated[Path, typer.Argument(help="A `mam merge` output directory.")]) -> None:
-    """Recompute the output hashes and check them against mam_report.json."""
+def verify_cmd(directory: Annotated[Path, typer.Argument(help="A `mam merge` or `mam finetune` output folder.")]
+               ) -> None:
+    """Recompute the sha256 of every file in the output and check them against its mam_report.json."""
     from mamcli.merge import verify_dir
     from mamcli.report import dumps
 
     result = verify_dir(directory)
     _out(dumps(result))
     if not result["ok"]:
-        bad = [f for f, r in result["files"].items() if not r["ok"]]
-        raise MamError(f"{directory}: hash mismatch in {', '.join(bad)}")
+        by_status: dict[str, list[str]] = {}
+        for f, r in result["files"].items():
+            if not r["ok"]:
+                by_status.setdefault(r["status"], []).append(f)
+        if result["extra"]:
+            by_status["not in the report"] = result["extra"]
+        raise MamError(f"{directory}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in by_status.items()))
 
 
 @app.command("models")

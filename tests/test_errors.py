@@ -152,3 +152,45 @@ def test_pickle_with_code_is_refused(pair, mam, tmp_path):
     torch.save({"opaque": collections.Counter("abc")}, bad)
     r = mam("merge", bad, pair[1], "--lam", "0.1", "-o", tmp_path / "o")
     _assert_clean_failure(r, tmp_path / "o", "evil.pt")
+
+
+LJ_DATA = "ljspeech:../shared/data/ljspeech-385/LJSpeech-1.1"
+# every option value refused where it is parsed: (arguments, the option named in the one line); exit 2, as usage
+USAGE_CASES = [
+    (["merge", "s", "t", "--lam", "nan", "-o", "o"], "--lam"),
+    (["merge", "s", "t", "--lam", "0.1", "--seed", "-1", "-o", "o"], "--seed"),
+    (["merge", "s", "t", "--lam", "0.1", "--noise", "pink", "-o", "o"], "--noise"),
+    (["merge", "s", "t", "--lam", "0.1", "--out-dtype", "fp8", "-o", "o"], "--out-dtype"),
+    (["map", "s", "t", "--format", "xml"], "--format"),
+    (["families", "--format", "xml"], "--format"),
+    (["rank-layers", "s", "t", "--data", LJ_DATA, "--n-projections", "0"], "--n-projections"),
+    (["rank-layers", "s", "t", "--data", LJ_DATA, "--top-k", "0"], "--top-k"),
+    (["rank-layers", "s", "t", "--data", LJ_DATA, "--fraction", "0"], "--fraction"),
+    (["rank-layers", "s", "t", "--data", LJ_DATA, "--metric", "cosine"], "--metric"),
+    (["evaluate", "t", "--data", LJ_DATA, "--limit", "0"], "--limit"),
+    (["evaluate", "t", "--data", LJ_DATA, "--batch-size", "-2"], "--batch-size"),
+    (["evaluate", "t", "--data", LJ_DATA, "--dev-fraction", "1"], "--dev-fraction"),
+    (["evaluate", "t", "--data", LJ_DATA, "--cache-gb", "nan"], "--cache-gb"),
+    (["evaluate", "t", "--data", LJ_DATA, "--blocks", "0"], "--blocks"),
+    (["evaluate", "t", "--data", LJ_DATA, "--task", "tts"], "--task"),
+    (["evaluate", "t", "--data", LJ_DATA, "--split", "train"], "--split"),
+    (["evaluate", "t", "--data", LJ_DATA, "--text-field", "upper"], "--text-field"),
+    (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--lr", "-1"], "--lr"),
+    (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--lr", "inf"], "--lr"),
+    (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--epochs", "0"], "--epochs"),
+    (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--batch-size", "0"], "--batch-size"),
+    (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--max-steps", "0"], "--max-steps"),
+    (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--warmup", "-1"], "--warmup"),
+    (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--lam-init", "2"], "--lam-init"),
+]
+
+
+@pytest.mark.parametrize("args,option", USAGE_CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in USAGE_CASES])
+def test_option_values_are_usage_errors(args, option, mam, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = mam(*args)
+    assert r.code == 2, r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mam: error: ") and option in lines[0], r.err
+    assert r.out == "" and list(tmp_path.iterdir()) == []

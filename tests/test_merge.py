@@ -293,7 +293,25 @@ def test_verify_detects_tampering(tiny, mam, tmp_path):
     data[-1] ^= 0xFF
     (out / "model.safetensors").write_bytes(bytes(data))
     r = mam("verify", out)
-    assert r.code == 1 and "hash mismatch" in r.err
+    assert r.code == 1 and "hash mismatch: model.safetensors" in r.err
+
+
+def test_verify_covers_every_file_and_says_missing(tiny, mam, tmp_path):
+    """Config and processor files are verified too; a deleted shard is "missing", a stray file "not in the report"."""
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    out = tmp_path / "o"
+    assert mam("merge", src, tgt, "--lam", "0.1", "--shard-size", "20KB", "-o", out, "-q").code == 0
+    report = json.loads((out / "mam_report.json").read_text())
+    assert {"config.json", "vocab.json", "model.safetensors.index.json"} <= set(report["outputs"]["hashes"])
+    config = out / "config.json"
+    config.write_text(config.read_text().replace("\n", " \n", 1))
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    (out / "stray.txt").write_text("?")
+    r = mam("verify", out)
+    assert r.code == 1 and r.err.count("\n") == 1
+    assert "hash mismatch: config.json" in r.err and f"missing: {shard.name}" in r.err
+    assert "not in the report: stray.txt" in r.err
 
 
 def test_map_lists_pairs_and_unmapped(tiny, mam):
