@@ -22,6 +22,9 @@ from mamcli.errors import MamError
 
 PARTS = ("q", "k", "v", "o")
 KINDS = ("weight", "bias")
+# MAM moves attention from a high-resource modality into speech or audio (the paper's two halves)
+SOURCE_MODALITIES = frozenset({"text", "image"})
+TARGET_MODALITIES = frozenset({"speech", "audio"})
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,17 @@ _FAIRSEQ_SELF_ATTN = Layout(
     layer="encoder.layers.{i}", attention="self_attn",
     parts={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj"},
 )
+# checkpoints on disk (hub layout, written by save_pretrained of every version)
+_VIT_DISK = Layout(
+    layer="encoder.layer.{i}", attention="attention",
+    parts={"q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value",
+           "o": "attention.output.dense"},
+)
+# transformers >= 5 module names of ViT-style models in memory
+_VIT_MEMORY = Layout(
+    layer="layers.{i}", attention="attention",
+    parts={"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "o": "attention.o_proj"},
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -129,22 +143,28 @@ FAMILIES: tuple[Family, ...] = (
         layers_keys=("n_layers",), hidden_keys=("dim",), heads_keys=("n_heads",),
     ),
     Family(
-        name="vit", description="ViT-style image/audio encoders (ViT, DeiT, AST, ViT-MSN)", modality="image",
-        model_types=("vit", "deit", "audio-spectrogram-transformer", "vit_msn"),
+        name="vit", description="ViT-style image encoders (ViT, DeiT, ViT-MSN, ViT-MAE, I-JEPA, BEiT, "
+                                "data2vec-vision, YOLOS)", modality="image",
+        model_types=("vit", "deit", "vit_msn", "vit_mae", "ijepa", "beit", "data2vec-vision", "yolos"),
+        layouts=(_VIT_DISK, _VIT_MEMORY), frontend=("embeddings",), **_BERT_KEYS,
+    ),
+    Family(
+        name="dinov2", description="DINOv2 image encoders (with or without registers)", modality="image",
+        model_types=("dinov2", "dinov2_with_registers"),
         layouts=(
-            Layout(  # checkpoints on disk (hub layout, written by save_pretrained of every version)
+            _VIT_DISK,
+            Layout(  # transformers >= 5 module names (in-memory models): the layers keep their old path
                 layer="encoder.layer.{i}", attention="attention",
-                parts={"q": "attention.attention.query", "k": "attention.attention.key",
-                       "v": "attention.attention.value", "o": "attention.output.dense"},
-            ),
-            Layout(  # transformers >= 5 module names (in-memory models)
-                layer="layers.{i}", attention="attention",
                 parts={"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
                        "o": "attention.o_proj"},
             ),
         ),
-        frontend=("embeddings",),
-        **_BERT_KEYS,
+        frontend=("embeddings",), **_BERT_KEYS,
+    ),
+    Family(  # ViT's names, an audio model: its own row so that its role (a target) is known
+        name="ast", description="Audio Spectrogram Transformer", modality="audio",
+        model_types=("audio-spectrogram-transformer",),
+        layouts=(_VIT_DISK, _VIT_MEMORY), frontend=("embeddings",), **_BERT_KEYS,
     ),
     Family(
         name="wav2vec2", description="wav2vec 2.0-style speech encoders (wav2vec2, HuBERT, WavLM, data2vec-audio)",
@@ -278,3 +298,27 @@ def detect(names: Iterable[str], config: Mapping[str, Any], families: tuple[Fami
     hint = f"model_type {model_type!r}" if model_type else "no model_type in its config"
     raise MamError(f"{label}: unknown architecture ({hint}; no tensor names match the families {known}); "
                    "describe it with --arch-map FILE")
+
+
+def _kind_of(arch: Arch) -> str:
+    m = arch.family.modality
+    return f"{'an' if m[:1] in 'aeiou' else 'a'} {m} model ({arch.model_type or arch.family.name})"
+
+
+def check_roles(source: Arch, target: Arch, source_label: str, target_label: str) -> None:
+    """Refuse a text/image model as target or a speech/audio model as source, in one line naming both roles.
+
+    Only a modality the config states is trusted: a family found by tensor names alone (no ``model_type``
+    or one no family lists: timm, bare weight files) may share its names with another modality (AST has
+    ViT's), so it passes."""
+    def known(arch: Arch) -> bool:
+        return arch.model_type is not None and arch.model_type in arch.family.model_types
+
+    bad_source = known(source) and source.family.modality in TARGET_MODALITIES
+    bad_target = known(target) and target.family.modality in SOURCE_MODALITIES
+    if not (bad_source or bad_target):
+        return
+    swapped = target.family.modality not in TARGET_MODALITIES and source.family.modality not in SOURCE_MODALITIES
+    raise MamError(f"source {source_label} is {_kind_of(source)} and target {target_label} is {_kind_of(target)}: "
+                   "the source must be a text or image model and the target a speech or audio model"
+                   + ("; swap the two arguments" if swapped else ""))
