@@ -134,3 +134,157 @@ def test_vctk_layout_with_mic_suffixes(tmp_path):
     assert {c.item.id for c in clips} == {"p225_001", "p226_001"} and len(clips[0].audio) == 1600
     assert [b["id"] for b in bad] == ["p225_002"]  # only a mic2 take exists: named, not fatal
     assert {i.path.name for i in load_dataset(f"vctk:{tmp_path}", mic="mic2").items} >= {"p225_002_mic2.flac"}
+
+
+# ---- manifests as the ecosystems write them ------------------------------------------------------
+
+CLIPS = [SHARED / "fsdd/recordings/1_jackson_0.flac", SHARED / "fsdd/recordings/2_theo_1.flac"]
+WORDS = ["one", '"two," he said']  # a quote inside a field: TSV is read without quoting, CSV with
+# flavour -> (columns, where the audio lies, expected id / speaker of clip k)
+FLAVOURS = {
+    "audiofolder": (("file_name", "transcription"), "beside"),  # HF audiofolder metadata.csv / .jsonl
+    "nemo": (("audio_filepath", "duration", "text"), "absolute"),  # NeMo JSON lines
+    "speechbrain": (("ID", "duration", "wav", "spk_id", "wrd"), "absolute"),  # SpeechBrain csv
+    "commonvoice": (("client_id", "path", "sentence", "up_votes"), "clips"),  # Common Voice tsv, beside clips/
+}
+
+
+def _write_manifest(path, columns: tuple[str, ...], rows: list[dict[str, object]]) -> None:
+    import csv
+
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return
+    if path.suffix == ".tsv":  # as Common Voice writes it: tab-separated, nothing quoted
+        path.write_text("".join("\t".join(map(str, line)) + "\n" for line in [columns, *[r.values() for r in rows]]))
+        return
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        w.writerows([[r[c] for c in columns] for r in rows])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_manifest_flavours_in_every_format(tmp_path, flavour, suffix):
+    import shutil
+
+    columns, where = FLAVOURS[flavour]
+    rows = []
+    for k, (clip, words) in enumerate(zip(CLIPS, WORDS, strict=True)):
+        if where == "absolute":
+            audio = str(clip)
+        else:
+            folder = tmp_path / "clips" if where == "clips" else tmp_path / "sub"
+            folder.mkdir(exist_ok=True)
+            shutil.copy(clip, folder / clip.name)
+            audio = clip.name if where == "clips" else f"sub/{clip.name}"
+        values = [audio if c in ("file_name", "audio_filepath", "wav", "path") else
+                  words if c in ("transcription", "text", "wrd", "sentence") else
+                  f"utt{k}" if c == "ID" else f"spk{k}" if c in ("spk_id", "client_id") else 1.5 for c in columns]
+        rows.append(dict(zip(columns, values, strict=True)))
+    _write_manifest(tmp_path / f"m{suffix}", columns, rows)
+    ds = load_dataset(str(tmp_path / f"m{suffix}"))
+    assert [i.text for i in ds.items] == WORDS
+    assert [i.id for i in ds.items] == (["utt0", "utt1"] if flavour == "speechbrain" else [c.stem for c in CLIPS])
+    assert [i.speaker for i in ds.items] == (["spk0", "spk1"] if flavour in ("speechbrain", "commonvoice")
+                                             else [None, None])
+    clips = list(iter_clips(ds, 16000))
+    assert len(clips) == 2
+    for clip, original in zip(clips, CLIPS, strict=True):
+        np.testing.assert_array_equal(clip.audio, load_audio(original, 16000))
+    if suffix == ".jsonl":  # NeMo names its JSON-lines manifests .json
+        (tmp_path / "m.json").write_bytes((tmp_path / "m.jsonl").read_bytes())
+        assert [i.path for i in load_dataset(str(tmp_path / "m.json")).items] == [i.path for i in ds.items]
+
+
+def test_spreadsheet_csv_with_bom_and_crlf(tmp_path):
+    (tmp_path / "m.csv").write_bytes(("\ufefffile_name,label\r\n" + "".join(f"{c},{c.stem[0]}\r\n" for c in CLIPS))
+                                     .encode("utf-8"))
+    ds = load_dataset(str(tmp_path / "m.csv"))
+    assert [i.path for i in ds.items] == CLIPS and [i.label for i in ds.items] == ["1", "2"]
+    assert ds.labels == ["1", "2"]
+
+
+def test_manifest_columns_are_named_by_options(tmp_path):
+    (tmp_path / "m.csv").write_text(f"wav,wrd,raw,category\n{CLIPS[0]},one,One!,digit\n")
+    item = load_dataset(str(tmp_path / "m.csv"), text_column="raw", label_column="category").items[0]
+    assert (item.text, item.label) == ("One!", "digit")
+    with pytest.raises(MamError, match=r"--subset does not apply to a manifest dataset \(it does to librispeech, "
+                                       r"commonvoice, hf, parquet\)"):
+        load_dataset(str(tmp_path / "m.csv"), subset="test")
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("m.csv", "clip,words\na.wav,hi\n",
+     r"m\.csv, line 2: no audio field; found: clip, words; accepted: audio, path, file, filename, file_name, "
+     r"audio_filepath, wav"),
+    ("m.jsonl", '{"audio_filepath": 5, "text": "x"}\n',
+     r"m\.jsonl, line 1: field 'audio_filepath' must be a path \(a string\), not 5"),
+    ("m.jsonl", '{"text": "x", "audio": "a.wav"}\n{"audio_filepath": ["a.wav"], "text": "x"}\n',
+     r"m\.jsonl, line 2: field 'audio_filepath' must be a path \(a string\), not \[\"a\.wav\"\]"),
+    ("m.jsonl", '{"audio": "a.wav", "text": {"words": 1}}\n', r"line 1: field 'text' must be a string, not \{"),
+    ("m.jsonl", '{"audio": "a.wav", "label": 1.5}\n', r"field 'label' must be a string or an integer, not 1\.5"),
+    ("m.jsonl", '\n\n{"audio": "a.wav"\n', r"m\.jsonl, line 3: invalid JSON"),
+    ("m.jsonl", '["a.wav", "x"]\n', r"line 1: a JSON list, not an object"),
+    ("m.csv", "path,text,fold\na.wav,x,1\nb.wav,y,first\n", r"m\.csv, line 3: field 'fold' must be an integer, not "
+                                                            r"'first'"),
+    ("m.jsonl", '{"audio_filepath": "a.wav", "offset": 2.5, "duration": 1}\n',
+     r"line 1: offset 2\.5 names a segment of a longer file"),
+    ("m.csv", b"path,text\na.wav,caf\xe9\n", r"m\.csv, line 2: not UTF-8 text \(byte 0xe9\)"),
+    ("m.csv", "", r"m\.csv: empty manifest \(no header row\)"),
+])
+def test_bad_manifests_are_one_line_naming_file_line_and_field(tmp_path, name, content, needle):
+    (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(MamError, match=needle) as e:
+        load_dataset(str(tmp_path / name))
+    assert "\n" not in str(e.value)
+
+
+def test_a_folder_named_like_a_manifest(tmp_path):
+    (tmp_path / "m.csv").mkdir()
+    with pytest.raises(MamError, match=r"m\.csv: a folder, not a manifest file"):
+        load_dataset(str(tmp_path / "m.csv"))
+
+
+def test_random_manifests_give_a_dataset_or_one_line(tmp_path):
+    """Random bytes and random JSON values (seeded): every outcome is a Dataset or a MamError, never another
+    exception (which the CLI would report as an internal error)."""
+    rng = np.random.default_rng(0)
+    keys = ["audio", "path", "file_name", "audio_filepath", "wav", "text", "wrd", "label", "id", "fold", "offset",
+            "speaker", "x"]
+
+    def value(depth: int = 0) -> object:
+        makers = [lambda: None, lambda: True, lambda: int(rng.integers(-5, 5)), lambda: float(rng.normal()),
+                  lambda: "a.wav", lambda: "", lambda: [value(depth + 1)], lambda: {"k": value(depth + 1)}]
+        return makers[int(rng.integers(8 if depth < 2 else 6))]()
+
+    outcomes = set()
+    for n in range(300):
+        suffix = (".csv", ".tsv", ".jsonl")[n % 3]
+        path = tmp_path / f"r{n}{suffix}"
+        if n % 2:
+            head = b"path,text\n" if suffix != ".jsonl" else b""
+            path.write_bytes(head + rng.integers(0, 256, int(rng.integers(0, 60)), dtype=np.uint8).tobytes())
+        elif suffix == ".jsonl":
+            rows = [{str(rng.choice(keys)): value() for _ in range(3)} for _ in range(2)]
+            path.write_text("\n".join(json.dumps(r) for r in rows))
+        else:
+            cols = [str(rng.choice(keys)) for _ in range(3)]
+            path.write_text(",".join(cols) + "\n" + ",".join(str(value()) for _ in cols) + "\n")
+        try:
+            load_dataset(str(path))
+            outcomes.add("dataset")
+        except MamError as e:
+            assert "\n" not in str(e)
+            outcomes.add("error")
+    assert outcomes == {"dataset", "error"}
+
+
+def test_unknown_kind_lists_the_known_ones():
+    with pytest.raises(MamError, match=r"dataset 'foo:/data/x': unknown kind 'foo'; known kinds: ljspeech, vctk, "
+                                       r"esc50, folders, fsdd, librispeech, commonvoice, hf, parquet, or a "
+                                       r"\.csv/\.tsv/\.jsonl/\.json manifest"):
+        load_dataset("foo:/data/x")
+    with pytest.raises(MamError, match="does not exist"):  # a manifest whose path holds a colon is still a manifest
+        load_dataset("foo:/data/x.csv")
