@@ -31,7 +31,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 # files never copied into a merged output: weights, their indexes, and the target's model card
 NOT_COPIED = re.compile(r".*(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.onnx|\.gguf|\.index\.json)$"
-                        r"|README\.md|\.gitattributes|mam_report\.json|lams\.json")
+                        r"|README\.md|\.gitattributes|mam_report\.json|mam_recipe\.yaml|mam_eval\.json|lams\.json")
 # what mam fetches from a Hub repo: config, tokenizer and processor files, and one weight format (safetensors, or
 # transformers' pytorch_model*.bin when the repo has no safetensors; never other pickles such as training_args.bin)
 HUB_FILES = ["*.json", "*.txt", "*.model"]
@@ -302,6 +302,9 @@ def _weights_in_dir(d: Path) -> tuple[list[Path], str]:
     pts = sorted(d.glob("*.pt"))
     if len(pts) == 1:
         return pts, "torch"
+    if onnx := sorted(d.glob("*.onnx")):
+        raise MamError(f"{d} holds an ONNX graph ({onnx[0].name}), not a checkpoint mam reads; "
+                       "convert it first: see docs/image-to-audio.md")
     raise MamError(f"{d}: no weights found (expected model.safetensors, {SAFETENSORS_INDEX}, pytorch_model.bin "
                    "or one .pt file)")
 
@@ -422,6 +425,9 @@ def resolve(spec: str, revision: str | None = None) -> Checkpoint:
         config = _read_config(path)
         root = path
     else:
+        if path.suffix == ".onnx":
+            raise MamError(f"{spec} is an ONNX graph, not a checkpoint mam reads; convert it first: "
+                           "see docs/image-to-audio.md")
         files = [path]
         fmt = "safetensors" if path.suffix == ".safetensors" else "torch"
         config = _read_config(path.parent) if path.suffix == ".safetensors" else {}

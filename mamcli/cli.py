@@ -12,13 +12,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer._click.core import ParameterSource
 
 from mamcli.errors import Interrupted, MamError
 from mamcli.tables import render
@@ -32,8 +33,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Multimodal Attention Merging: interpolate text/image attention Q/K/V into speech/audio models.")
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # a line per message: logs stay grep-able
 
@@ -113,7 +113,50 @@ def _fraction(value: float | None) -> float | None:
     return value
 
 
-FormatOpt = Annotated[Format, typer.Option("--format", help="Output on stdout.")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="What stdout gets: a table for people, CSV/TSV for "
+                                                             "spreadsheets, JSON for scripts.")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr (errors still show).")]
+VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="More on stderr: transformers' own warnings "
+                                                                  "and progress too.")]
+
+
+def _logging(verbose: bool, quiet: bool) -> None:
+    """transformers' logging follows -v/-q (warnings by default), unless TRANSFORMERS_VERBOSITY says otherwise."""
+    if verbose and quiet:
+        raise typer.BadParameter("-v and -q contradict each other; give one")
+    import transformers
+
+    if not os.environ.get("TRANSFORMERS_VERBOSITY"):
+        transformers.logging.set_verbosity_error() if quiet else (
+            transformers.logging.set_verbosity_info() if verbose else transformers.logging.set_verbosity_warning())
+    if verbose:
+        transformers.utils.logging.enable_progress_bar()
+    else:  # mam draws its own progress
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _command_line() -> str:
+    from mamcli.card import command_line
+
+    return command_line(ARGV)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mamcli import __version__
+
+        print(f"mam {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print mam's version and exit.")] = False) -> None:
+    """Multimodal Attention Merging: interpolate text/image attention Q/K/V into speech/audio models.
+
+    Results go to stdout, progress to stderr; exit 0 ok, 1 bad input or a failure of the machine, 2 usage,
+    3 a bug, 128 + N on signal N.
+    """
 
 
 def _families(arch_map: list[Path] | None) -> tuple[Family, ...]:
@@ -129,9 +172,9 @@ def _parts(text: str) -> tuple[str, ...]:
 def _dtype(name: OutDtype | None) -> torch.dtype | None:
     if name is None:
         return None
-    import torch
+    from mamcli.merge import OUT_DTYPES
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name.value]
+    return OUT_DTYPES[name.value]
 
 
 def _plan_rows(plan: MergePlan, with_lam: bool) -> list[dict[str, Any]]:
@@ -158,11 +201,16 @@ def _print_plan(plan: MergePlan, fmt: str, with_lam: bool) -> None:
                 err.print(f"  {n}")
 
 
-@app.command("merge")
+@app.command("merge", epilog="Example: mam merge bert-large hubert-large --lam 0.1 --layers 12-19 -o out/")
 def merge_cmd(
-    source: Annotated[str, typer.Argument(help="Source (text/image) model: directory, file, alias or hub id.")],
-    target: Annotated[str, typer.Argument(help="Target (speech/audio) model.")],
+    ctx: typer.Context,
+    source: Annotated[str | None, typer.Argument(help="Source (text/image) model: directory, file, alias or hub id "
+                                                 "(NAME@REV pins a revision).", show_default=False)] = None,
+    target: Annotated[str | None, typer.Argument(help="Target (speech/audio) model.", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output directory.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A YAML recipe holding any of these options "
+                                                "(an output's mam_recipe.yaml replays that merge); flags given "
+                                                "here win.")] = None,
     lam: Annotated[float | None, typer.Option("--lam", min=0.0, max=1.0, callback=_finite,
                                               help="λ for every selected layer, in [0,1].")] = None,
     lams: Annotated[Path | None, typer.Option("--lams", help="Per-layer λ file (lams.json, report, list).")] = None,
@@ -176,50 +224,79 @@ def merge_cmd(
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard past this size, e.g. 2GB.")] = None,
     out_dtype: Annotated[OutDtype | None, typer.Option("--out-dtype", help="Output dtype (default: target's).")]
     = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier mam output (never anything else).")]
+    = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the tensor pairs; write nothing.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    fmt: FormatOpt = Format.table,
+    json_out: Annotated[bool, typer.Option("--json", help="Same as --format json: the whole report.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Default hub revision (branch, tag or commit) "
                                                  "for models without their own @REV.")] = None,
     arch_map: ArchMapOpt = None,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr.")] = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Interpolate the source's attention Q/K/V into the target and write a loadable checkpoint."""
+    """Interpolate the source's attention Q/K/V into the target and write a loadable checkpoint.
+
+    stdout: the merged tensors (λ, change, cosine) as a table, CSV or TSV, or the whole report as JSON.
+    """
     from mamcli.checkpoint import resolve
     from mamcli.merge import MergeOptions, merge_to_dir, plan_merge
     from mamcli.report import dumps
     from mamcli.writer import parse_size
 
+    _logging(verbose, quiet)
+    fmt = Format.json if json_out else fmt
+    recipe_lams: dict[int, dict[str, float]] | None = None
+    if config is not None:
+        from mamcli.recipe import load_recipe
+
+        given = load_recipe(config).values
+        if "lams" in given and isinstance(given["lams"], dict):
+            recipe_lams = given.pop("lams")
+        taken = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE}
+        source, target = taken.get("source", source), taken.get("target", target)
+        out = Path(taken["out"]) if taken.get("out") is not None else out
+        lam, lams = taken.get("lam", lam), Path(taken["lams"]) if taken.get("lams") is not None else lams
+        layers, parts = taken.get("layers", layers), taken.get("parts", parts)
+        bias, seed, layer_map = taken.get("bias", bias), taken.get("seed", seed), taken.get("layer_map", layer_map)
+        noise = Noise(taken["noise"]) if taken.get("noise") is not None else noise
+        out_dtype = OutDtype(taken["out_dtype"]) if taken.get("out_dtype") is not None else out_dtype
+        shard_size = str(taken["shard_size"]) if taken.get("shard_size") is not None else shard_size
+        revision = taken.get("revision", revision)
+        arch_map = [Path(p) for p in taken["arch_map"]] if taken.get("arch_map") else arch_map
+        if recipe_lams is not None and (lam is not None or lams is not None):
+            recipe_lams = None  # a λ given on the command line replaces the recipe's table
+    if source is None or target is None:
+        raise typer.BadParameter("give SOURCE and TARGET, or a --config recipe that names them")
     if out is None and not dry_run:
         raise MamError("give an output directory with -o DIR (or --dry-run)")
-    options = MergeOptions(lam=lam, layers=layers, lams_file=lams, parts=_parts(parts), bias=bias,
+    options = MergeOptions(lam=lam, layers=layers, lams_file=lams, lams=recipe_lams, parts=_parts(parts), bias=bias,
                            noise=noise.value if noise else None, seed=seed, layer_map=layer_map)
     options.validate()
     families = _families(arch_map)
     size = parse_size(shard_size) if shard_size else None
     dtype = _dtype(out_dtype)
-    if out is not None and out.exists() and not force and not dry_run:
-        raise MamError(f"{out} already exists; pass --force to replace it")
+    extra = {"arch_map": [str(p.expanduser().absolute()) for p in arch_map]} if arch_map else {}
     with ExitStack() as stack:
         src = stack.enter_context(resolve(source, revision))
         tgt = stack.enter_context(resolve(target, revision))
         if dry_run:
-            _print_plan(plan_merge(src, tgt, options, families), "json" if json_out else "table", with_lam=True)
+            _print_plan(plan_merge(src, tgt, options, families), fmt, with_lam=True)
             return
         assert out is not None
         report = _with_progress(lambda cb: merge_to_dir(src, tgt, options, out, force=force, shard_size=size,
                                                         out_dtype=dtype, families=families, progress=cb,
-                                                        note=None if quiet else _note),
+                                                        note=None if quiet else _note, recipe_extra=extra,
+                                                        command=_command_line()),
                                 "merging", quiet)
     for n in report["notes"] if not quiet else ():
-        err.print(f"note: {n}", markup=False, soft_wrap=True)
-    if json_out:
-        _out(dumps(report))
-    elif not quiet:
-        n = len(report["tensors"])
-        err.print(f"wrote {out} ({n} tensors merged, {report['wall_time_s']} s, peak {report['peak_rss_mib']} MiB)")
-    if not json_out:
-        print(out)
+        _note(f"note: {n}")
+    if not quiet:
+        _note(f"wrote {out} ({len(report['tensors'])} tensors merged, {report['wall_time_s']} s, "
+              f"peak {report['peak_rss_mib']} MiB)")
+    rows = [{k: t[k] for k in ("layer", "source_layer", "part", "kind", "lam", "delta_norm", "cosine", "target")}
+            for t in report["tensors"]]
+    _out(dumps(report) if fmt == Format.json else render(rows, fmt, title=f"merged into {out}"))
 
 
 def _with_progress(work: Callable[[Callable[[int, int], None] | None], T], label: str, quiet: bool) -> T:
@@ -234,8 +311,9 @@ def _with_progress(work: Callable[[Callable[[int, int], None] | None], T], label
         return work(lambda done, total: bar.update(task, completed=done, total=total))
 
 
-DataOpt = Annotated[str, typer.Option("--data", help="ljspeech:PATH | vctk:PATH | esc50:PATH | folders:PATH | "
-                                                   "fsdd:PATH | manifest .csv/.tsv/.jsonl")]
+DataOpt = Annotated[str, typer.Option("--data", help="ljspeech:PATH | vctk:PATH | esc50:PATH | folders:PATH | fsdd:PATH"
+                                                   " | librispeech:PATH | commonvoice:PATH | hf:PATH | parquet:PATH | "
+                                                   "manifest .csv/.tsv/.jsonl/.json (docs/datasets.md)")]
 SplitOpt = Annotated[Split, typer.Option("--split", help="Which part of the seeded dev/test split.")]
 DevFracOpt = Annotated[float, typer.Option("--dev-fraction", callback=_share, help="Share of clips in the dev split.")]
 FoldsOpt = Annotated[str | None, typer.Option("--folds", help="Comma list of folds to use (ESC-50, ESC-10).")]
@@ -246,20 +324,39 @@ BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1,
                                               help="Clips per forward (default: 1 on CPU, 8 on GPU).")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
-QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress on stderr (warnings still show).")]
 
 
-def _load_data(data: str, text_field: TextField) -> Dataset:
-    from mamcli.data import load_dataset
+SubsetOpt = Annotated[str | None, typer.Option("--subset", help="The corpus's own split: LibriSpeech test-clean, a "
+                                               "Common Voice tsv (default test), a Hugging Face split.")]
+TextColumnOpt = Annotated[str | None, typer.Option("--text-column", help="Transcript column (HF dataset, manifest).")]
+LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="Label column (HF dataset, manifest).")]
 
-    return load_dataset(data, text_field.value)
 
+@dataclass
+class _Data:
+    """The data options of a command; ``part(name)`` reads each corpus once, however many parts are used."""
 
-def _select(ds: Dataset, split: Split | str, dev_fraction: float, folds: str | None, limit: int | None, seed: int,
-            fraction: float | None = None) -> Dataset:
-    from mamcli.data import parse_folds, select
+    spec: str
+    text_field: TextField
+    subset: str | None
+    text_column: str | None
+    label_column: str | None
+    dev_fraction: float
+    folds: str | None
+    limit: int | None
+    seed: int
+    corpora: dict[str | None, Dataset] = field(default_factory=dict)
 
-    return select(ds, Split(split).value, dev_fraction, seed, parse_folds(folds), limit, fraction)
+    def part(self, name: str, fraction: float | None = None) -> Dataset:
+        """``all``, ``dev``, ``test`` or ``train`` (everything outside dev), as the corpus defines them."""
+        from mamcli.data import load_dataset, own_split, parse_folds, select
+
+        subset, split = own_split(self.spec, name, self.subset)
+        if subset not in self.corpora:
+            self.corpora[subset] = load_dataset(self.spec, self.text_field.value, subset=subset,
+                                                text_column=self.text_column, label_column=self.label_column)
+        return select(self.corpora[subset], split, self.dev_fraction, self.seed, parse_folds(self.folds),
+                      self.limit, fraction)
 
 
 def _note(msg: str) -> None:
@@ -326,6 +423,9 @@ def rank_cmd(
     limit: LimitOpt = None,
     strict: StrictOpt = False,
     text_field: TextFieldOpt = TextField.normalized,
+    subset: SubsetOpt = None,
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     batch_size: BatchOpt = None,
     layer_map: LayerMapOpt = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the JSON report here.")] = None,
@@ -344,7 +444,8 @@ def rank_cmd(
                        batch_size=batch_size, layer_map=layer_map, strict=strict, device=device)
     opts.metrics()
     _check_report_paths(out, plot)
-    ds = _select(_load_data(data, text_field), split, dev_fraction, folds, limit, seed, fraction)
+    ds = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed).part(
+        split.value, fraction)
     with resolve(source) as src, resolve(target) as tgt, _Stages(quiet) as stages:
         report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=stages.note, ticker=stages.tick)
     for b in report["bad_clips"]:
@@ -395,6 +496,9 @@ def evaluate_cmd(
     limit: LimitOpt = None,
     strict: StrictOpt = False,
     text_field: TextFieldOpt = TextField.normalized,
+    subset: SubsetOpt = None,
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     normalizer: Annotated[str, typer.Option("--normalizer", help="Text normaliser: basic | none.")] = "basic",
     label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
     = None,
@@ -429,9 +533,9 @@ def evaluate_cmd(
     with ExitStack() as stack:
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
-        first = "dev" if pick_on_dev else split
-        corpus = _load_data(data, text_field)
-        ds = _select(corpus, first, dev_fraction, folds, limit, seed)
+        first = "dev" if pick_on_dev else split.value
+        parts = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
+        ds = parts.part(first)
         stages = stack.enter_context(_Stages(quiet))
         note = stages.note
         ev = Evaluator(tgt, ds, opts, progress=note, ticker=stages.tick)
@@ -442,7 +546,7 @@ def evaluate_cmd(
             best = best_point(result["points"])
             if note:
                 note(f"best on dev: {_point_name(best)}; evaluating it on test")
-            test_ds = _select(corpus, "test", dev_fraction, folds, limit, seed)
+            test_ds = parts.part("test")
             test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick)  # model loaded
             one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None,
                           noises=[best["noise"]] if best.get("noise") else [],
@@ -525,6 +629,9 @@ def finetune_cmd(
     folds: FoldsOpt = None,
     limit: LimitOpt = None,
     text_field: TextFieldOpt = TextField.normalized,
+    subset: SubsetOpt = None,
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = None,
     normalizer: Annotated[str, typer.Option("--normalizer", help="basic | none.")] = "basic",
     device: DeviceOpt = "auto",
     arch_map: ArchMapOpt = None,
@@ -546,9 +653,8 @@ def finetune_cmd(
                                batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
                                freeze_feature_encoder=freeze_feature_encoder, seed=seed, max_steps=max_steps,
                                checkpoint_every=checkpoint_every, device=device, normalizer=normalizer)
-        corpus = _load_data(data, text_field)
-        train = _select(corpus, "test", dev_fraction, folds, limit, seed)  # everything outside dev
-        dev = _select(corpus, "dev", dev_fraction, folds, limit, seed)
+        parts = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
+        train, dev = parts.part("train"), parts.part("dev")
         report = finetune(tgt, train, dev, opts, out, src, resume=resume, force=force,
                           families=_families(arch_map), progress=None if quiet else _note)
     if "process" not in report:  # under a launcher, only the main process reports
@@ -615,6 +721,7 @@ def families_cmd(fmt: FormatOpt = Format.table, arch_map: ArchMapOpt = None) -> 
 
 
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+ARGV: list[str] = []  # this run's arguments, for model cards
 
 
 @contextmanager
@@ -658,6 +765,7 @@ def _out(text: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the Typer app, turning every failure into one line and an exit code:
     1 bad input or a failure of the machine (disk full, read-only), 2 usage, 3 a bug, 128 + N signal N."""
+    ARGV[:] = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     command = typer.main.get_command(app)
     debug = bool(os.environ.get("MAM_DEBUG"))
     code = 0
@@ -670,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         err.print(f"mam: error: {e}", markup=False, soft_wrap=True)
-        code = 1
+        code = e.exit_code
     except Interrupted as e:
         err.print(f"mam: interrupted by {e}; nothing half-written was left", markup=False)
         code = 128 + e.signum

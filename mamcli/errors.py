@@ -2,7 +2,15 @@
 
 
 class MamError(Exception):
-    """A problem with the user's input or environment, explained in one line."""
+    """A problem with the user's input or environment, explained in one line; the CLI exits ``exit_code``."""
+
+    exit_code = 1
+
+
+class UsageError(MamError):
+    """Words the command does not take, found past the parser (a recipe's unknown key): exit 2 like the parser's."""
+
+    exit_code = 2
 
 
 class Interrupted(BaseException):

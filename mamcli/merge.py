@@ -20,14 +20,17 @@ from typing import Any, Protocol
 
 import torch
 
+from mamcli.card import write_card
 from mamcli.checkpoint import Checkpoint, TensorInfo, iter_copyable_files
 from mamcli.errors import MamError
-from mamcli.families import FAMILIES, KINDS, PARTS, Arch, Family
+from mamcli.families import FAMILIES, KINDS, PARTS, Arch, Family, check_roles
 from mamcli.layers import check_lam, load_lams, parse_layer_map, parse_layers, uniform_lams
+from mamcli.recipe import RECIPE_FILE, dump_recipe
 from mamcli.report import peak_rss_mib, versions, write_json
 from mamcli.writer import REPORT_FILE, OutTensor, SafetensorsWriter, atomic_output_dir, hash_tree, tensor_bytes
 
 NOISE_KINDS = ("source", "target", "normal")
+OUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --out-dtype names
 
 
 class TensorStore(Protocol):
@@ -169,6 +172,7 @@ def plan_merge(source: TensorStore, target: TensorStore, options: MergeOptions,
     """Check compatibility and list every (source → target) tensor pair with its λ."""
     options.validate()
     src, tgt = source.arch(families), target.arch(families)
+    check_roles(src, tgt, source.spec, target.spec)
     notes = check_compatible(src, tgt, source.spec, target.spec)
     layer_map = parse_layer_map(options.layer_map, src.num_layers, tgt.num_layers)
     lams = options.resolve_lams(tgt.num_layers)
@@ -309,9 +313,12 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
                  force: bool = False, shard_size: int | None = None, out_dtype: torch.dtype | None = None,
                  families: tuple[Family, ...] = FAMILIES,
                  progress: Callable[[int, int], None] | None = None,
-                 note: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 note: Callable[[str], None] | None = None,
+                 recipe_extra: Mapping[str, Any] | None = None, command: str | None = None) -> dict[str, Any]:
     """Merge and write ``out`` atomically: safetensors weights, target's config/processor files, report.
-    ``force`` replaces only an earlier mam output, never an input (:func:`mamcli.writer.check_replaceable`)."""
+    ``force`` replaces only an earlier mam output, never an input (:func:`mamcli.writer.check_replaceable`).
+    Beside the weights: ``mam_recipe.yaml``, which ``mam merge --config`` replays to the same bytes, and a
+    model card (README.md) naming ``command``."""
     started = time.perf_counter()
     plan = plan_merge(source, target, options, families)
     infos = _output_order(target)
@@ -319,9 +326,8 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
     planned = [OutTensor(t.name, dtype_of[t.name], t.shape) for t in infos]
     total = sum(t.nbytes for t in planned)
     recipe = plan.recipe()
-    metadata = {"format": "pt", "mam_recipe": json.dumps(
-        {"source": source.hub_id or source.spec, "target": target.hub_id or target.spec, **recipe},
-        separators=(",", ":"))}
+    refs = {"source": model_ref(source), "target": model_ref(target)}
+    metadata = {"format": "pt", "mam_recipe": json.dumps({**refs, **recipe}, separators=(",", ":"))}
     merged = MergedTensors(plan, source, target)
     with _one_torch_thread(), ThreadPoolExecutor(max_workers=1) as pool, \
             atomic_output_dir(out, force, (source.root, target.root), note=note) as tmp:
@@ -349,6 +355,11 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
             shutil.copy2(f, tmp / f.name)
         if target.fmt == "beats":  # the official layout too, loadable by the release's own code
             files[target.files[0].name] = write_beats_pt(tmp / target.files[0].name, tmp, target)
+        (tmp / RECIPE_FILE).write_text(dump_recipe({
+            **refs, "lams": plan.lam_table(), "parts": list(options.parts), "bias": options.bias,
+            "noise": options.noise, "seed": options.seed, "layer_map": plan.layer_map,
+            "out_dtype": {v: k for k, v in OUT_DTYPES.items()}[out_dtype] if out_dtype else None,
+            "shard_size": shard_size, **(recipe_extra or {})}), encoding="utf-8")
         if out_dtype is not None and (tmp / "config.json").is_file():
             cfg = json.loads((tmp / "config.json").read_text())
             cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(out_dtype).removeprefix("torch.")
@@ -362,16 +373,24 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
             "skipped": plan.skipped,
             "unmapped_target_attention": plan.unmapped,
             "notes": plan.notes,
-            "outputs": {"files": files, "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else "target",
-                        "copied": sorted(p.name for p in tmp.iterdir() if p.name not in files),
-                        "hashes": hash_tree(tmp, known=files)},
+            "outputs": {"files": files, "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else "target"},
             "versions": versions(),
             "wall_time_s": round(time.perf_counter() - started, 3),
             "peak_rss_mib": peak_rss_mib(),
         }
+        write_card(tmp, report, command)
+        report["outputs"]["copied"] = sorted(p.name for p in tmp.iterdir() if p.name not in files)
+        report["outputs"]["hashes"] = hash_tree(tmp, known=files)
         write_json(tmp / REPORT_FILE, report)
     report["output_dir"] = str(out)
     return report
+
+
+def model_ref(ckpt: Checkpoint) -> str:
+    """An exact reference to a model: a hub id pinned to its commit, or an absolute path (recipes, metadata)."""
+    if ckpt.hub_id:
+        return f"{ckpt.hub_id}@{ckpt.revision}" if ckpt.revision else ckpt.hub_id
+    return str(Path(ckpt.spec).expanduser().absolute())
 
 
 def write_beats_pt(path: Path, directory: Path, target: Checkpoint) -> str:

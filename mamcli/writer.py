@@ -343,6 +343,7 @@ def atomic_output_dir(out: Path, force: bool = False, inputs: Iterable[Path] = (
     with output_lock(out) if lock else contextlib.nullcontext():
         remove_stale(out, note)
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=_hidden_sibling(out, ""), suffix=".mam-tmp", dir=out.parent))
             tmp.chmod(0o777 & ~_umask())
         except OSError as e:

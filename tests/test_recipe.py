@@ -1,0 +1,77 @@
+"""Merge recipes: every merge writes mam_recipe.yaml, and `mam merge --config` replays it to the same bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def pair(tiny):
+    return tiny("bert", layers=3), tiny("hubert-ctc", layers=3)
+
+
+def _hashes(out: Path) -> dict[str, str]:
+    """Every output file's hash but the model card's, which names the command that made it."""
+    hashes = json.loads((out / "mam_report.json").read_text())["outputs"]["hashes"]
+    assert "model.safetensors" in hashes or "model.safetensors.index.json" in hashes
+    return {k: v for k, v in hashes.items() if k != "README.md"}
+
+
+@pytest.mark.parametrize("flags", [["--lam", "0.2", "--layers", "0,2"],
+                                   ["--lam", "0.3", "--noise", "source", "--seed", "4", "--out-dtype", "fp16"],
+                                   ["--lam", "0.1", "--parts", "q,v", "--bias", "--shard-size", "30KB"]])
+def test_recipe_round_trip_is_byte_identical(pair, mam, tmp_path, flags):
+    assert mam("merge", *pair, *flags, "-o", tmp_path / "a", "-q").code == 0
+    recipe = tmp_path / "a" / "mam_recipe.yaml"
+    assert recipe.read_text().startswith("# mam ")
+    r = mam("merge", "--config", recipe, "-o", tmp_path / "b", "-q")
+    assert r.code == 0, r.err
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+
+
+def test_recipe_from_a_lams_file_round_trips(pair, mam, tmp_path):
+    (tmp_path / "lams.json").write_text(json.dumps({"lams": {"q": [0.1, 0, 0.5], "k": [0, 0, 0.25],
+                                                             "v": [1, 0, 0]}}))
+    assert mam("merge", *pair, "--lams", tmp_path / "lams.json", "-o", tmp_path / "a", "-q").code == 0
+    assert mam("merge", "--config", tmp_path / "a" / "mam_recipe.yaml", "-o", tmp_path / "b", "-q").code == 0
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+
+
+def test_hand_written_recipe_and_flags_that_win(pair, mam, tmp_path):
+    src, tgt = pair
+    (tmp_path / "r.yaml").write_text(f"source: {src}\ntarget: {tgt}\nlam: 0.4\nlayers: [1, 2]\nseed: 3\n")
+    assert mam("merge", "--config", tmp_path / "r.yaml", "-o", tmp_path / "a", "-q").code == 0
+    assert mam("merge", *pair, "--lam", "0.4", "--layers", "1-2", "--seed", "3", "-o", tmp_path / "b", "-q").code == 0
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    # a flag given on the command line replaces the recipe's value
+    assert mam("merge", "--config", tmp_path / "r.yaml", "--lam", "0.1", "-o", tmp_path / "c", "-q").code == 0
+    assert json.loads((tmp_path / "c" / "mam_report.json").read_text())["recipe"]["lams"]["q"] == [0, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("text,code,needle", [
+    ("lam: 0.1\nlamda: 0.2\n", 2, "unknown key 'lamda'"),
+    ("lam: [0.1\n", 1, "not valid YAML"),
+    ("- 0.1\n", 1, "expected a mapping"),
+    ("lam: high\n", 1, "lam must be int or float"),
+    ("source: /no/such/model\ntarget: /no/such/either\nlam: 0.1\n", 1, "does not exist"),
+    ("lams: {q: [0.1, 2, 0]}\n", 1, "must lie in [0, 1]"),
+])
+def test_bad_recipes(pair, mam, tmp_path, text, code, needle):
+    (tmp_path / "r.yaml").write_text(text)
+    args = [] if "source" in text else [str(p) for p in pair]
+    r = mam("merge", *args, "--config", tmp_path / "r.yaml", "-o", tmp_path / "o")
+    assert r.code == code, r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_is_not_copied_into_a_merge_of_a_merge(pair, mam, tmp_path):
+    src, _ = pair
+    assert mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "a", "-q").code == 0
+    assert mam("merge", src, tmp_path / "a", "--lam", "0.2", "-o", tmp_path / "b", "-q").code == 0
+    recipe = (tmp_path / "b" / "mam_recipe.yaml").read_text()
+    assert f"target: {tmp_path / 'a'}" in recipe
