@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from mamcli.aliases import ALIASES
 from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Arch, Family, detect
+from mamcli.schemas import HASH_CACHE, JSON_OBJECT, ShardIndex, check, read_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -121,8 +122,8 @@ def sha256_file(path: Path, chunk: int = 16 << 20, use_cache: bool = True) -> st
     store = cache_dir() / "sha256.json"
     known: dict[str, str] = {}
     if use_cache:
-        try:
-            known = json.loads(store.read_text())
+        try:  # a cache that cannot be read or holds anything but {key: digest} is rebuilt, never fatal
+            known = HASH_CACHE.validate_json(store.read_bytes())
         except (OSError, ValueError):
             known = {}
         if key in known:
@@ -310,11 +311,12 @@ def _weights_in_dir(d: Path) -> tuple[list[Path], str]:
 
 
 def _from_index(d: Path, index: str) -> list[Path]:
-    try:
-        weight_map = json.loads((d / index).read_text())["weight_map"]
-    except (ValueError, KeyError) as e:
-        raise MamError(f"{d / index}: corrupt index ({e})") from None
+    p = d / index
+    weight_map = check(ShardIndex, read_json(p, "shard index"), p, "shard index").weight_map
     files = sorted({d / f for f in weight_map.values()})
+    outside = [f.name for f in files if f.parent != d]
+    if outside:
+        raise MamError(f"shard index {p}: shard {outside[0]!r} is not a file name in {d}")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise MamError(f"{d / index}: shard files missing: {', '.join(missing)}")
@@ -325,10 +327,7 @@ def _read_config(d: Path) -> dict[str, Any]:
     p = d / "config.json"
     if not p.is_file():
         return {}
-    try:
-        return json.loads(p.read_text())
-    except ValueError as e:
-        raise MamError(f"{p}: invalid JSON ({e})") from None
+    return check(JSON_OBJECT, read_json(p, "model config"), p, "model config")
 
 
 def hub_patterns(listing: Collection[str] | None) -> list[str]:

@@ -9,9 +9,7 @@ Users can add families with ``--arch-map FILE`` (JSON or TOML with the same fiel
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -200,18 +198,12 @@ FAMILIES: tuple[Family, ...] = (
 
 def load_family_file(path: str | Path) -> list[Family]:
     """Read user families from JSON or TOML: one table, a list, or ``{"families": [...]}``."""
+    from mamcli.schemas import FAMILY_FILE, FamilySpec, check, read_json_or_toml
+
     p = Path(path)
-    try:
-        text = p.read_text()
-        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-    except FileNotFoundError:
-        raise MamError(f"architecture map {p} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise MamError(f"cannot read architecture map {p}: {e}") from None
-    items = data.get("families", [data]) if isinstance(data, dict) else data
-    if not isinstance(items, list) or not items:
-        raise MamError(f"architecture map {p} holds no family")
-    return [Family.from_dict(d) for d in items]
+    parsed = check(FAMILY_FILE, read_json_or_toml(p, "architecture map"), p, "architecture map")
+    specs = [parsed] if isinstance(parsed, FamilySpec) else (parsed if isinstance(parsed, list) else parsed.families)
+    return [Family.from_dict(spec.model_dump(exclude_none=True)) for spec in specs]
 
 
 def all_families(extra: Iterable[Family] = ()) -> tuple[Family, ...]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from mamcli.errors import MamError
-from mamcli.families import PARTS
+from mamcli.schemas import LAMS, LamsFile, Ranking, check, read_json, read_text
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -51,17 +52,12 @@ def top_layers(spec: str, num_layers: int) -> list[int]:
     if len(parts) not in (3, 4) or not parts[1].isdigit() or int(parts[1]) < 1:
         raise MamError(f"bad layer spec {spec!r}: use top:K:ranking.json[:metric] with K ≥ 1")
     k, path = int(parts[1]), Path(parts[2])
-    try:
-        report = json.loads(path.read_text())
-        metrics = report["metrics"]
-    except FileNotFoundError:
-        raise MamError(f"ranking file {path} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        raise MamError(f"{path} is not a `mam rank-layers` report") from None
-    metric = parts[3] if len(parts) == 4 else report.get("primary_metric") or next(iter(metrics))
+    report = check(Ranking, read_json(path, "ranking file"), path, "ranking file (a `mam rank-layers` report)")
+    metrics = report.metrics
+    metric = parts[3] if len(parts) == 4 else report.primary_metric or next(iter(metrics))
     if metric not in metrics:
         raise MamError(f"{path} has no metric {metric!r} (it has {', '.join(metrics)})")
-    order = metrics[metric]["order"]
+    order = metrics[metric].order
     if k > len(order):
         raise MamError(f"top:{k} asks for more layers than {path} ranks ({len(order)})")
     chosen = sorted(order[:k])
@@ -117,36 +113,29 @@ def load_lams(path: str | Path, num_layers: int, parts: tuple[str, ...]) -> dict
     or a ``mam_report.json`` (its ``recipe.lams``).
     """
     p = Path(path)
+    text = read_text(p, "λ file")
     try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise MamError(f"λ file {p} does not exist") from None
-    try:
-        data = json.loads(text)
+        data: Any = json.loads(text)
     except ValueError:
         try:
             data = [float(x) for x in text.split()]
         except ValueError:
-            raise MamError(f"{p}: expected JSON or one λ per line") from None
-    if isinstance(data, dict):  # lams.json of finetune, or a mam_report.json (its recipe)
-        data = data["lams"] if "lams" in data else (data.get("recipe") or {}).get("lams")
-    if isinstance(data, list):
-        per_part = dict.fromkeys(parts, data)
-    elif isinstance(data, dict) and set(data) <= set(PARTS):
-        missing = [q for q in parts if q not in data]
+            raise MamError(f"λ file {p}: expected JSON or one λ per line") from None
+    parsed = check(LAMS, data, p, "λ file")
+    table = parsed if isinstance(parsed, list) else (
+        parsed.lams if isinstance(parsed, LamsFile) else parsed.recipe.lams)
+    if isinstance(table, list):
+        per_part: dict[str, list[float]] = dict.fromkeys(parts, table)
+    else:
+        missing = [q for q in parts if q not in table]
         if missing:
             raise MamError(f"{p}: no λ list for part(s) {', '.join(missing)}")
-        per_part = {q: data[q] for q in parts}
-    else:
-        raise MamError(f"{p}: expected a list of λ or {{'lams': ...}}")
+        per_part = {q: table[q] for q in parts}  # type: ignore[index]
     lams: dict[int, dict[str, float]] = {}
     for part, values in per_part.items():
         if len(values) != num_layers:
             raise MamError(f"{p}: {len(values)} λ values for part {part}, but the target has {num_layers} layers")
         for i, lam in enumerate(values):
-            if not isinstance(lam, int | float):
-                raise MamError(f"{p}: λ for layer {i} is not a number")
-            check_lam(float(lam), f"{p}: λ of layer {i}")
             if lam:
                 lams.setdefault(i, {})[part] = float(lam)
     return lams

@@ -247,6 +247,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a32, b32)) / denom if denom > 0 else 0.0
 
 
+def _finite(t: torch.Tensor, name: str, model: str) -> None:
+    """NaN or Inf in a tensor the formula reads would spread into every merged weight: refuse, naming it."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise MamError(f"{model}: tensor {name} holds {bad} NaN/Inf value(s); mam will not merge it")
+
+
 def _rows(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
     return t if rows is None else t[rows[0]:rows[1]]
 
@@ -274,6 +281,9 @@ class MergedTensors:
             t = _rows(t_full, p.target_rows)
             s_real = None if noise in ("target", "normal") else \
                 _rows(self._source(p.source), p.source_rows).to(t.device)
+            _finite(t, p.target, self.target.spec)
+            if s_real is not None:
+                _finite(s_real, p.source, self.source.spec)
             key = f"{p.layer}.{p.part}.{p.kind}"
             s = s_real if noise is None else noise_like(noise, s_real, t.cpu(), seed, key).to(t.device)
             assert s is not None

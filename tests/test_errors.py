@@ -194,3 +194,20 @@ def test_option_values_are_usage_errors(args, option, mam, tmp_path, monkeypatch
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mam: error: ") and option in lines[0], r.err
     assert r.out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_non_finite_weights_are_refused_by_name(side, pair, mam, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / side
+    shutil.copytree(pair[0] if side == "source" else pair[1], model)
+    weights = load_file(str(model / "model.safetensors"))
+    name = next(k for k in weights if ("query.weight" in k or "q_proj.weight" in k) and ".1." in k)
+    weights[name][0, 0] = float("nan") if side == "source" else float("inf")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    args = (model, pair[1]) if side == "source" else (pair[0], model)
+    r = mam("merge", *args, "--lam", "0.1", "-o", tmp_path / "o")
+    _assert_clean_failure(r, tmp_path / "o", f"tensor {name} holds 1 NaN/Inf value(s)")
+    assert torch.isfinite(weights[name]).sum() == weights[name].numel() - 1
