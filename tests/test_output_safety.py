@@ -207,3 +207,32 @@ def test_signals_during_an_evaluation_exit_128_plus_n_and_write_no_report(tiny, 
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("mam: interrupted by SIG") and "Traceback" not in err, err
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_during_a_merge_is_one_line_and_leaves_nothing(pair, mam, tmp_path, monkeypatch):
+    """ENOSPC from the file system mid-write: exit 1 naming the reason, no temporary folder left."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def full_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return Full(f) if "w" in mode and str(file).endswith(".safetensors") else f
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    r = mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "o")
+    monkeypatch.undo()
+    assert r.code == 1, r.err
+    _one_line(r.err, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
