@@ -683,22 +683,22 @@ def map_cmd(
     _print_plan(plan, fmt, with_lam=False)
 
 
-@app.command("verify")
-def verify_cmd(directory: Annotated[Path, typer.Argument(help="A `mam merge` or `mam finetune` output folder.")]
-               ) -> None:
+@app.command("verify", epilog="Example: mam verify out/ --format tsv")
+def verify_cmd(directory: Annotated[Path, typer.Argument(help="A `mam merge` or `mam finetune` output folder.")],
+               fmt: FormatOpt = Format.table) -> None:
     """Recompute the sha256 of every file in the output and check them against its mam_report.json."""
     from mamcli.merge import verify_dir
     from mamcli.report import dumps
 
     result = verify_dir(directory)
-    _out(dumps(result))
+    rows = [{"file": f, "status": r["status"], "sha256": r["actual"]} for f, r in result["files"].items()]
+    rows += [{"file": f, "status": "not in the report", "sha256": None} for f in result["extra"]]
+    _out(dumps(result) if fmt == Format.json else render(rows, fmt, title=f"{directory}"))
     if not result["ok"]:
         by_status: dict[str, list[str]] = {}
-        for f, r in result["files"].items():
-            if not r["ok"]:
-                by_status.setdefault(r["status"], []).append(f)
-        if result["extra"]:
-            by_status["not in the report"] = result["extra"]
+        for row in rows:
+            if row["status"] != "ok":
+                by_status.setdefault(row["status"], []).append(row["file"])
         raise MamError(f"{directory}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in by_status.items()))
 
 

@@ -36,7 +36,7 @@ PAIRS = {
     "bert->hubert": ("bert", "hubert-ctc", bert_name("bert."), w2v_name("hubert."), "HubertForCTC"),
     "vit->ast": ("vit", "ast", vit_name(""), vit_name("audio_spectrogram_transformer."), "ASTForAudioClassification"),
     "roberta->wav2vec2": ("roberta", "wav2vec2-ctc", bert_name(""), w2v_name("wav2vec2."), "Wav2Vec2ForCTC"),
-    "bert->whisper": ("bert", "whisper", bert_name("bert."),
+    "bert->whisper": ("bert", "whisper-model", bert_name("bert."),
                       lambda i, p: (f"encoder.layers.{i}.self_attn.{p}_proj.weight", None), "WhisperModel"),
     "timm->hubert": ("timm-vit", "hubert-ctc", fused_name, w2v_name("hubert."), "HubertForCTC"),
     "distilbert->wavlm": ("distilbert", "wavlm-ctc", lambda i, p: (f"transformer.layer.{i}.attention.{p}_lin.weight",
@@ -216,7 +216,7 @@ def test_fused_qkv_target_is_fused_again(tiny, mam, tmp_path):
 
 
 def test_whisper_bias_without_key_bias_is_skipped_and_decoder_untouched(tiny, mam, tmp_path):
-    src, tgt = tiny("bert", layers=2), tiny("whisper", layers=2)
+    src, tgt = tiny("bert", layers=2), tiny("whisper-model", layers=2)
     t = load_dir(tgt)
     r = mam("merge", src, tgt, "--lam", "0.5", "--bias", "-o", tmp_path / "o", "-q", "--json")
     assert r.code == 0, r.err
@@ -287,7 +287,7 @@ def test_verify_detects_tampering(tiny, mam, tmp_path):
     src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
     out = tmp_path / "o"
     assert mam("merge", src, tgt, "--lam", "0.1", "-o", out, "-q").code == 0
-    r = mam("verify", out)
+    r = mam("verify", out, "--format", "json")
     assert r.code == 0 and json.loads(r.out)["ok"] is True
     data = bytearray((out / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
