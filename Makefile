@@ -54,7 +54,7 @@ test: lint models
 	$(PY) -m pytest
 
 demo: install models
-	bash docs/demo.sh $(DEMO) $(MAM) $(PY)
+	bash docs/demo.sh $(DEMO) $(MAM) $(SOURCE) $(TARGET)
 
 bench: install models
 	$(PY) benchmarks/merge_bench.py
