@@ -1,4 +1,5 @@
-"""Evaluation: WER/CER of CTC speech models and error of audio-event models, for one model or a sweep.
+"""Evaluation: WER/CER of speech models (CTC, or Whisper's bounded ``generate()``) and error of audio-event
+models, for one model or a sweep. What differs per kind of head lives in :mod:`mamcli.tasks`.
 
 A sweep evaluates every (layers, λ, source-or-noise) point on one loaded target: only the merged
 Q/K/V tensors are swapped in and out, the feature extractor runs once per clip, and the outputs of
@@ -7,10 +8,9 @@ everything before the first merged layer are computed once per batch and replaye
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,28 +23,34 @@ from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Family
 from mamcli.layers import layers_spec, parse_layers
 from mamcli.merge import NOISE_KINDS, MergeOptions, TensorStore
-from mamcli.metrics import asr_scores, classification_scores, describe_normaliser, normaliser
 from mamcli.models import (
     AudioModel,
     InMemoryMerger,
     ModelStore,
     PrefixCache,
     default_batch_size,
-    detect_task,
     load_audio_model,
+    stored_dtype,
 )
 from mamcli.report import peak_rss_mib, versions
+from mamcli.tasks import Task, TaskOptions, make
 
 
 @dataclass
 class EvalOptions:
-    task: str = "auto"
-    normalizer: str = "basic"
-    batch_size: int | None = None  # default: 1 on CPU, 8 on an accelerator
+    task: str = "auto"  # asr | aec | auto (from the model's head)
+    normalizer: str = "auto"  # auto (whisper for sequence-to-sequence, basic for CTC) | whisper | basic | none
+    batch_size: int | None = None  # default: 8 on an accelerator; on CPU 1, or 8 for sequence-to-sequence
     strict: bool = False
     label_map: Path | None = None
     device: str = "cpu"
     cache_gb: float = 4.0  # replay cache of a sweep (PrefixCache): beyond it, batches run in full
+    beams: int = 1  # sequence-to-sequence: 1 is greedy decoding, more is beam search
+    language: str | None = None  # multilingual Whisper: the language to transcribe (default: detected)
+
+    def task_options(self) -> TaskOptions:
+        return TaskOptions(beams=self.beams, language=self.language, normalizer=self.normalizer,
+                           label_map=self.label_map)
 
 
 @dataclass
@@ -74,35 +80,6 @@ class SweepOptions:
         return [(self.layers or "all", layers)]
 
 
-def _norm_label(s: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", s).strip().lower()
-
-
-def match_labels(dataset_labels: list[str], id2label: dict[int, str], label_map: Path | None) -> dict[str, str]:
-    """Model label → dataset label, by normalised name or an explicit ``{dataset: model}`` JSON map."""
-    model_labels = [str(v) for v in id2label.values()]
-    if label_map is not None:
-        try:
-            mapping = json.loads(Path(label_map).read_text())
-        except FileNotFoundError:
-            raise MamError(f"label map {label_map} does not exist") from None
-        except ValueError as e:
-            raise MamError(f"label map {label_map}: invalid JSON ({e})") from None
-        if not isinstance(mapping, dict):
-            raise MamError(f"label map {label_map}: expected an object {{dataset label: model label}}")
-        unknown = [m for m in mapping.values() if m not in model_labels]
-        if unknown:
-            raise MamError(f"label map {label_map} names model labels that do not exist: {', '.join(unknown[:5])}")
-    else:
-        by_name = {_norm_label(m): m for m in model_labels}
-        mapping = {d: by_name[_norm_label(d)] for d in dataset_labels if _norm_label(d) in by_name}
-    missing = [d for d in dataset_labels if d not in mapping]
-    if missing:
-        raise MamError(f"{len(missing)} dataset label(s) match no model label (e.g. {missing[0]!r}); "
-                       "give --label-map FILE with {\"dataset label\": \"model label\"}")
-    return {m: d for d, m in mapping.items()}
-
-
 class Evaluator:
     """One loaded model and one set of clips, evaluated as often as a sweep needs."""
 
@@ -112,63 +89,54 @@ class Evaluator:
         """``progress`` gets a line per stage; ``ticker(done, total)`` clips read, then batches scored."""
         self.opts = opts
         self.ticker = ticker
+        self.progress = progress
         self.ds = ds
-        self.task = detect_task(target.config) if opts.task == "auto" else opts.task
-        if self.task not in ("asr", "aec"):
-            raise MamError(f"--task must be asr, aec or auto; got {opts.task!r}")
-        normaliser(opts.normalizer)  # fail early on a bad name
         if opts.cache_gb < 0:
             raise MamError(f"--cache-gb must be 0 or more; got {opts.cache_gb}")
+        self.task: Task = make(opts.task, target.config, opts.task_options(), target.spec)
         self.am: AudioModel = am or load_audio_model(target, self.task, opts.device)
-        if self.task == "asr" and any(not i.text for i in ds.items):
-            raise MamError(f"dataset {ds.spec!r} has clips without transcripts; ASR needs text")
-        if self.task == "aec":
-            if any(i.label is None for i in ds.items):
-                raise MamError(f"dataset {ds.spec!r} has clips without labels; audio events need labels")
-            if not self.am.model.config.id2label:
-                raise MamError(f"{target.spec} has no classifier head; fine-tune one first (mam finetune --task aec)")
-            self.to_dataset = match_labels(ds.all_labels, self.am.model.config.id2label, opts.label_map)
+        if am is not None:
+            self.task.bind(am)
+        self.task.check(ds)  # bound first: labels are matched against the model's head
         self.bad: list[dict[str, str]] = []
         if progress:
             progress(f"reading {len(ds.items)} clips at {self.am.rate} Hz")
-        clips = list(iter_clips(ds, self.am.rate, opts.strict, self.bad, ticker))
+        clips = list(iter_clips(ds, self.am.rate, opts.strict, self.bad, ticker, usable=self.am.usable))
         if not clips:
-            raise MamError(f"no readable clip in {ds.spec!r}")
-        self.batch_size = opts.batch_size or default_batch_size(self.am.model)
+            raise MamError(f"no usable clip in {ds.spec!r}" + (f" ({self.bad[0]['error']})" if self.bad else ""))
+        self.batch_size = opts.batch_size or default_batch_size(self.am.model, self.task)
         batches = list(self.am.batches(clips, self.batch_size))
         self.inputs = [self.am.inputs([c.audio for c in b]) for b in batches]  # features once per clip
+        self.samples = [[len(c.audio) for c in b] for b in batches]
         self.batches: list[list[Item]] = [[c.item for c in b] for b in batches]  # the audio is not kept
         del clips, batches
-        self.store = ModelStore(self.am.model, target.spec)
+        self.store = ModelStore(self.am.model, target.spec, stored_dtype(target))
         self.cache: PrefixCache | None = None
         self.seconds = 0.0
+        self.at_bound: list[str] = []  # clips of the last predict() whose decoding stopped at the token bound
+
+    def _forward(self, k: int) -> AbstractContextManager[Any]:
+        """Batch ``k`` through the prefix cache: replayed, recorded, or (no cache, over budget) run in full."""
+        if self.cache is None:
+            return nullcontext()
+        if k in self.cache.store:
+            return self.cache.replay(k)
+        return nullcontext() if self.cache.full else self.cache.record(k)
 
     @torch.inference_mode()
     def predict(self) -> dict[str, str]:
         """Clip id → hypothesis (ASR) or dataset label (audio events), using the prefix cache if set."""
         started = time.perf_counter()
         out: dict[str, str] = {}
+        self.at_bound = []
         model = self.am.model
         was_training = model.training
         model.eval()  # no dropout while scoring, also mid-training
-        for k, (batch, inputs) in enumerate(zip(self.batches, self.inputs, strict=True)):
-            if self.cache is None:
-                logits = model(**inputs).logits
-            elif k in self.cache.store:
-                with self.cache.replay(k):
-                    logits = model(**inputs).logits
-            elif self.cache.full:  # over the cache's budget: the whole forward
-                logits = model(**inputs).logits
-            else:
-                with self.cache.record(k):
-                    logits = model(**inputs).logits
-            ids = logits.argmax(-1)
-            if self.task == "asr":
-                texts = self.am.tokenizer.batch_decode(ids)
-            else:
-                id2label = model.config.id2label
-                texts = [self.to_dataset.get(str(id2label[int(i)]), str(id2label[int(i)])) for i in ids]
-            out.update({item.id: t for item, t in zip(batch, texts, strict=True)})
+        for k, (batch, inputs, samples) in enumerate(zip(self.batches, self.inputs, self.samples, strict=True)):
+            with self._forward(k):
+                pred = self.task.predict(self.am, inputs, samples)
+            out.update({item.id: t for item, t in zip(batch, pred.texts, strict=True)})
+            self.at_bound += [item.id for item, hit in zip(batch, pred.at_bound, strict=True) if hit]
             if self.ticker:
                 self.ticker(k + 1, len(self.batches))
         model.train(was_training)
@@ -176,36 +144,34 @@ class Evaluator:
         return out
 
     def score(self, preds: dict[str, str]) -> dict[str, Any]:
-        items = [i for b in self.batches for i in b]
-        items.sort(key=lambda i: i.id)
-        if self.task == "asr":
-            refs = [i.text or "" for i in items]
-            hyps = [preds[i.id] for i in items]
-            scores = asr_scores(refs, hyps, self.opts.normalizer)
-            scores["error"] = scores["wer"]
-            scores["utterances"] = [{"id": i.id, "reference": r, "hypothesis": h} for i, r, h in
-                                    zip(items, refs, hyps, strict=True)]
-        else:
-            scores = classification_scores([i.label or "" for i in items], [preds[i.id] for i in items])
-            scores["clips_detail"] = [{"id": i.id, "label": i.label, "predicted": preds[i.id]} for i in items]
+        items = sorted((i for b in self.batches for i in b), key=lambda i: i.id)
+        return self.task.score(items, preds, set(self.at_bound))
+
+    def evaluate(self, label: str = "") -> dict[str, Any]:
+        """Predict and score; ``label`` names the sweep point in the note about clips stopped at the token bound."""
+        scores = self.score(self.predict())
+        if scores.get("hit_token_bound") and self.progress:
+            self.progress(f"{scores['hit_token_bound']} of {scores.get('scored', len(self.at_bound))} clip(s) "
+                          f"stopped at the token bound{label} (the decoder was still going: likely repeating)")
         return scores
 
-    def evaluate(self) -> dict[str, Any]:
-        return self.score(self.predict())
-
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"task": self.task, "device": str(self.am.model.device), "rate": self.am.rate,
-                                "batch_size": self.batch_size,
-                                "padding_safe_batching": self.am.padding_safe, "clips": sum(map(len, self.batches)),
+        model = self.am.model
+        dtype = next(model.parameters()).dtype
+        stored = stored_dtype(self.am.ckpt)
+        info: dict[str, Any] = {**self.task.describe(), "device": str(model.device), "rate": self.am.rate,
+                                "dtype": str(dtype).removeprefix("torch."),
+                                "stored_dtype": str(stored).removeprefix("torch.") if stored else "mixed",
+                                "batch_size": self.batch_size, "padding_safe_batching": self.am.padding_safe,
+                                "clips": sum(map(len, self.batches)), "skipped_clips": len(self.bad),
                                 "bad_clips": self.bad}
-        if self.task == "asr":
-            info["normalizer"] = {"name": self.opts.normalizer, "steps": describe_normaliser(self.opts.normalizer),
-                                  "text_field": self.ds.text_field}
+        if "normalizer" in info:
+            info["normalizer"]["text_field"] = self.ds.text_field
         return info
 
 
 def _summary(scores: dict[str, Any]) -> dict[str, Any]:
-    keys = ("error", "wer", "cer", "substitutions", "insertions", "deletions", "accuracy")
+    keys = ("error", "wer", "cer", "substitutions", "insertions", "deletions", "accuracy", "hit_token_bound")
     return {k: scores[k] for k in keys if k in scores}
 
 
@@ -249,7 +215,7 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
             progress(f"[{n + 1}/{len(points)}] layers {label}, λ = {lam}, {col}")
         before = ev.seconds
         with merger.applied(donor, plan):
-            scores = ev.evaluate()
+            scores = ev.evaluate(f" at layers {label}, λ = {lam}, {col}")
         key = f"{label}|{lam}|{col}"
         details[key] = scores
         results.append({"layers": label, "lam": lam, "column": col, "noise": noise,

@@ -172,7 +172,8 @@ def plan_merge(source: TensorStore, target: TensorStore, options: MergeOptions,
     """Check compatibility and list every (source → target) tensor pair with its λ."""
     options.validate()
     src, tgt = source.arch(families), target.arch(families)
-    check_roles(src, tgt, source.spec, target.spec)
+    if options.noise not in ("target", "normal"):  # those noises take only shapes from the source
+        check_roles(src, tgt, source.spec, target.spec)
     notes = check_compatible(src, tgt, source.spec, target.spec)
     layer_map = parse_layer_map(options.layer_map, src.num_layers, tgt.num_layers)
     lams = options.resolve_lams(tgt.num_layers)

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from mamcli.errors import MamError
 
-NORMALISERS = ("basic", "none")
+NORMALISERS = ("auto", "whisper", "basic", "none")
 RANK_METRICS = ("swd", "euclidean", "inner")
 ORIENTATION = {"swd": "lower is more similar", "euclidean": "lower is more similar",
                "inner": "higher is more similar"}
 
 
-def normaliser(name: str) -> Any:
-    """A named jiwer transform chain (string → string), recorded in every report."""
+def resolve_normaliser(name: str, default: str) -> str:
+    """``auto`` → the task's default (whisper for sequence-to-sequence, basic for CTC); a bad name is an error."""
+    if name not in NORMALISERS:
+        raise MamError(f"--normalizer must be one of {', '.join(NORMALISERS)}; got {name!r}")
+    return default if name == "auto" else name
+
+
+def normaliser(name: str, spelling: dict[str, str] | None = None) -> Callable[[str], str]:
+    """A named text normaliser (string → string), recorded in every report.
+
+    ``whisper``: transformers' ``EnglishTextNormalizer`` (Whisper's English normaliser: lower case, no
+    punctuation or bracketed words, numbers and British spellings standardised), with the tokenizer's
+    spelling map when it ships one."""
     import jiwer
 
     if name == "basic":  # lower-case, drop punctuation (apostrophes too), collapse whitespace
@@ -24,22 +36,30 @@ def normaliser(name: str) -> Any:
                               jiwer.Strip()])
     if name == "none":
         return jiwer.Compose([jiwer.RemoveMultipleSpaces(), jiwer.Strip()])
-    raise MamError(f"--normalizer must be one of {', '.join(NORMALISERS)}; got {name!r}")
+    if name == "whisper":
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+        english = EnglishTextNormalizer(spelling or {})
+        return lambda s: english(s).strip()
+    raise MamError(f"--normalizer must be one of {', '.join(n for n in NORMALISERS if n != 'auto')}; got {name!r}")
 
 
-def describe_normaliser(name: str) -> str:
+def describe_normaliser(name: str, spelling: dict[str, str] | None = None) -> str:
     return {"basic": "jiwer: ToLowerCase, RemovePunctuation, RemoveMultipleSpaces, Strip",
-            "none": "jiwer: RemoveMultipleSpaces, Strip"}[name]
+            "none": "jiwer: RemoveMultipleSpaces, Strip",
+            "whisper": f"transformers EnglishTextNormalizer (Whisper's English normaliser), spelling map of "
+                       f"{len(spelling or {})} entries (the tokenizer's normalizer.json, when present)"}[name]
 
 
-def asr_scores(refs: list[str], hyps: list[str], norm: str = "basic") -> dict[str, Any]:
+def asr_scores(refs: list[str], hyps: list[str], norm: str = "basic",
+               spelling: dict[str, str] | None = None) -> dict[str, Any]:
     """WER and CER with substitution/insertion/deletion counts, on normalised text.
 
     Utterances whose normalised reference is empty cannot be scored and are counted apart.
     """
     import jiwer
 
-    f = normaliser(norm)
+    f = normaliser(norm, spelling)
     pairs = [(f(r), f(h)) for r, h in zip(refs, hyps, strict=True)]
     kept = [(r, h) for r, h in pairs if r]
     if not kept:

@@ -24,6 +24,8 @@ from mamcli.data import Clip
 from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Arch, Family, detect
 from mamcli.merge import MergedTensors, MergeOptions, MergePlan, TensorStore, plan_merge
+from mamcli.tasks import Task, make
+from mamcli.tasks import detect as detect_head
 
 MEMORY = Path("<memory>")
 
@@ -37,40 +39,40 @@ def _transformers() -> Any:
 
 
 def detect_task(config: dict[str, Any]) -> str:
-    """``asr`` for CTC heads, ``aec`` for audio classification heads, from config.architectures."""
-    if config.get("model_type") == "beats":
-        return "aec"
-    archs = " ".join(config.get("architectures") or [])
-    if "ForCTC" in archs:
-        return "asr"
-    if "ForAudioClassification" in archs or "ForSequenceClassification" in archs:
-        return "aec"
-    raise MamError(f"cannot tell the task from architectures {archs or 'None'}; pass --task asr|aec")
+    """``asr`` (CTC or sequence-to-sequence heads) or ``aec`` (audio classification), from config.architectures."""
+    return detect_head(config).name
 
 
 @dataclass
 class AudioModel:
-    """A speech/audio model with its feature extractor (and CTC tokenizer for ASR)."""
+    """A speech/audio model with its feature extractor, its tokenizer (ASR) and its task.
+
+    ``task`` is None for a bare encoder loaded for its hidden states (rank-layers)."""
 
     ckpt: Checkpoint
     model: Any
     features: Any
     tokenizer: Any | None
-    task: str
+    task: Task | None
     rate: int
     takes_mask: bool
     padding_safe: bool
     _sig: set[str] = field(default_factory=set)
+    fixed_length: bool = False  # the feature extractor pads every clip to one window (Whisper: 30 s)
+    min_samples: int | None = None  # shorter clips give the front end no output frame
+    max_samples: int | None = None  # longer clips do not fit the model's window
 
     def inputs(self, audio: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Features of a batch, on the model's device; floating inputs in the model's dtype."""
         kwargs: dict[str, Any] = {"sampling_rate": self.rate, "return_tensors": "pt"}
-        if "padding" in self._sig:
+        if "padding" in self._sig and not self.fixed_length:
             kwargs["padding"] = True
         if "return_attention_mask" in self._sig:
             kwargs["return_attention_mask"] = self.takes_mask
         feats = self.features(audio, **kwargs)
-        return {k: v.to(self.model.device) for k, v in feats.items()
-                if k in ("input_values", "input_features", "attention_mask")}
+        dtype = next(self.model.parameters()).dtype
+        return {k: v.to(self.model.device, dtype=dtype if v.is_floating_point() else v.dtype)
+                for k, v in feats.items() if k in ("input_values", "input_features", "attention_mask")}
 
     def batches(self, clips: list[Clip], batch_size: int) -> Iterator[list[Clip]]:
         """Length-sorted batches; a model that padding would change only batches equal lengths."""
@@ -84,15 +86,50 @@ class AudioModel:
         if batch:
             yield batch
 
-    def frame_mask(self, inputs: dict[str, torch.Tensor], frames: int) -> torch.Tensor:
-        """Valid output frames per batch row (padding excluded), for pooling."""
+    def encoder(self) -> Any:
+        """The module whose ``hidden_states`` are one per Transformer block: Whisper's encoder (the whole model
+        refuses to run without decoder inputs), else the model itself."""
+        return self.model.get_encoder() if getattr(self.model.config, "is_encoder_decoder", False) else self.model
+
+    def output_frames(self, samples: torch.Tensor) -> torch.Tensor | None:
+        """Encoder frames that hold audio, per clip length in samples, by the model's own length formula.
+
+        Spectrogram models count the feature frames whose centre lies inside the clip (``ceil(samples / hop)``,
+        as the feature extractor's own attention mask does), then the model's convolutions (Whisper: 2 mel frames
+        per encoder frame). None when the model states no formula (every frame counts)."""
+        lengths_fn = getattr(self.model, "_get_feat_extract_output_lengths", None)
+        if lengths_fn is None:
+            return None
+        if getattr(self.model, "main_input_name", None) == "input_values":
+            return lengths_fn(samples)
+        hop = getattr(self.features, "hop_length", None)
+        return None if hop is None else lengths_fn(-(-samples // hop))
+
+    def valid_frames(self, inputs: dict[str, torch.Tensor], samples: list[int], frames: int) -> torch.Tensor:
+        """(batch, frames) True where an output frame holds audio (padding excluded), for pooling: from the
+        inputs' attention mask where the feature extractor gives one (its lengths are the model's input
+        lengths), else from each clip's length in samples (Whisper)."""
         mask = inputs.get("attention_mask")
         lengths_fn = getattr(self.model, "_get_feat_extract_output_lengths", None)
-        if mask is None or lengths_fn is None:
-            first = next(iter(inputs.values()))
-            return torch.ones(first.shape[0], frames, dtype=torch.bool, device=first.device)
-        lengths = lengths_fn(mask.sum(-1)).clamp(max=frames)
-        return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
+        if mask is not None and lengths_fn is not None:
+            lengths = lengths_fn(mask.sum(-1)).cpu()
+        else:
+            lengths = self.output_frames(torch.tensor(samples, dtype=torch.long))
+        if lengths is None:
+            return torch.ones(len(samples), frames, dtype=torch.bool)
+        return torch.arange(frames)[None, :] < lengths.clamp(max=frames)[:, None]
+
+    def usable(self, audio: np.ndarray) -> str | None:
+        """Why this clip cannot be fed to the model (None: it can): shorter than the front end's first output
+        frame, or longer than the window the feature extractor takes (it would cut the clip silently)."""
+        n = len(audio)
+        if self.min_samples is not None and n < self.min_samples:
+            return (f"too short for the model's front end ({1000 * n / self.rate:.0f} ms; it needs at least "
+                    f"{1000 * self.min_samples / self.rate:.0f} ms)")
+        if self.max_samples is not None and n > self.max_samples:
+            return (f"longer than the {self.max_samples / self.rate:g} s the model takes ({n / self.rate:.1f} s); "
+                    "cut it into shorter clips")
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,44 +145,99 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def default_batch_size(model: Any) -> int:
-    """CPU: one clip at a time (measured: padding and batched convolutions cost more than they save
-    on a few cores, benchmarks/eval_bench.py); accelerators: 8 length-sorted clips."""
-    return 1 if model.device.type == "cpu" else 8
+def default_batch_size(model: Any, task: Task | None = None) -> int:
+    """Accelerators: 8 length-sorted clips. CPU: the task's own (CTC and classification one clip at a time:
+    padding and batched convolutions cost more than they save on a few cores, benchmarks/eval_bench.py;
+    sequence-to-sequence 8: the batch shares each decoder step, 1.5× faster, benchmarks/whisper_bench.py)."""
+    if model.device.type != "cpu":
+        return 8
+    return task.cpu_batch_size if task is not None else 1
 
 
-def load_audio_model(ckpt: Checkpoint, task: str, device: str = "cpu",
-                     labels: list[str] | None = None) -> AudioModel:
-    """Load with the target's own classes: CTC for ``asr``, audio classification for ``aec``, base for ``encode``.
-    ``labels`` (transformers ``aec`` models): a new classifier head for these labels instead of the saved one."""
+def stored_dtype(ckpt: Checkpoint) -> torch.dtype | None:
+    """The one floating dtype the checkpoint stores its weights in (None if mixed): what ``mam merge`` writes."""
+    kinds = {i.dtype for i in ckpt.infos.values() if i.dtype.is_floating_point}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_audio_model(ckpt: Checkpoint, task: str | Task, device: str = "cpu", labels: list[str] | None = None,
+                     dtype: torch.dtype | None = None) -> AudioModel:
+    """Load with the target's own classes: the task's auto class (a name, ``asr``/``aec``/``auto``, or a task
+    object), or the bare model for ``encode``. ``labels`` (transformers ``aec`` models): a new classifier
+    head for these labels instead of the saved one. ``dtype``: by default float32 on CPU (a half-precision
+    checkpoint such as whisper-tiny.en is computed in float32 there), the stored dtype on accelerators."""
+    head = None if task == "encode" else task if isinstance(task, Task) else make(task, ckpt.config, spec=ckpt.spec)
     if ckpt.fmt == "beats":
-        return _load_beats(ckpt, task, device)
+        return _load_beats(ckpt, head, device)
     tf = _transformers()
-    cls = {"asr": tf.AutoModelForCTC, "aec": tf.AutoModelForAudioClassification, "encode": tf.AutoModel}[task]
-    head: dict[str, Any] = {} if labels is None else {
+    dev = resolve_device(device)
+    cls = tf.AutoModel if head is None else getattr(tf, head.auto_class)
+    new_head: dict[str, Any] = {} if labels is None else {
         "num_labels": len(labels), "id2label": dict(enumerate(labels)),
         "label2id": {lab: i for i, lab in enumerate(labels)}, "ignore_mismatched_sizes": True}
+    what = "an audio encoder" if head is None else f"{head.describe_head()} ({head.auto_class})"
     try:
-        model = cls.from_pretrained(ckpt.root, **head).eval().to(resolve_device(device))
+        model = cls.from_pretrained(ckpt.root, dtype=dtype or (torch.float32 if dev.type == "cpu" else "auto"),
+                                    **new_head).eval().to(dev)
+    except (OSError, ValueError, KeyError) as e:
+        raise MamError(f"{ckpt.spec}: cannot load as {what} ({_first_line(e)})") from None
+    try:
         with warnings.catch_warnings():  # AST's own defaults (128 mels, 400-point FFT) warn on every load
             warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
             features = tf.AutoFeatureExtractor.from_pretrained(ckpt.root)
-        tokenizer = tf.AutoTokenizer.from_pretrained(ckpt.root) if task == "asr" else None
     except (OSError, ValueError, KeyError) as e:
-        raise MamError(f"{ckpt.spec}: cannot load as a {task} model with its processor "
-                       f"({str(e).strip().splitlines()[0]})") from None
-    takes_mask = bool(getattr(features, "return_attention_mask", False))
-    # group norm over time in the first conv mixes padding into real frames
-    padding_safe = takes_mask and getattr(model.config, "feat_extract_norm", "layer") == "layer"
+        raise MamError(f"{ckpt.spec}: no feature extractor (preprocessor_config.json or processor_config.json); "
+                       f"a speech or audio model needs one ({type(e).__name__})") from None
+    tokenizer = None
+    if head is not None and head.needs_tokenizer:
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(ckpt.root)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MamError(f"{ckpt.spec}: no tokenizer (tokenizer.json, vocab.json…); speech recognition needs "
+                           f"one to turn tokens into text ({_first_line(e)})") from None
+        if not hasattr(tokenizer, "batch_decode") or len(tokenizer) < 2:  # transformers 5 builds an empty one
+            raise MamError(f"{ckpt.spec}: no tokenizer (tokenizer.json, vocab.json…); speech recognition needs "
+                           "one to turn tokens into text")
     rate = int(getattr(features, "sampling_rate", 16000))
     sig = set(inspect.signature(features.__call__).parameters)
-    return AudioModel(ckpt, model, features, tokenizer, task, rate, takes_mask, padding_safe, sig)
+    takes_mask = bool(getattr(features, "return_attention_mask", False))
+    fixed = _fixed_length(features, rate)
+    # group norm over time in the first conv mixes padding into real frames; a fixed window has no batch padding
+    padding_safe = fixed or (takes_mask and getattr(model.config, "feat_extract_norm", "layer") == "layer")
+    am = AudioModel(ckpt, model, features, tokenizer, head, rate, takes_mask, padding_safe, sig, fixed,
+                    max_samples=getattr(features, "n_samples", None) if fixed else None)
+    am.min_samples = _min_samples(am)
+    if head is not None:
+        head.bind(am)
+    return am
 
 
-def _load_beats(ckpt: Checkpoint, task: str, device: str) -> AudioModel:
+def _fixed_length(features: Any, rate: int) -> bool:
+    """The feature extractor pads every clip to one length whatever the batch (Whisper's 30 s, AST's max_length)."""
+    short, long = (features([np.zeros(n, dtype=np.float32)], sampling_rate=rate, return_tensors="np")
+                   for n in (rate // 10, rate // 5))
+    key = next(k for k in ("input_features", "input_values") if k in short)
+    return bool(short[key].shape == long[key].shape)
+
+
+def _min_samples(am: AudioModel, longest_s: int = 2) -> int | None:
+    """The shortest clip (in samples) that gives the front end at least one output frame."""
+    n = torch.arange(1, longest_s * am.rate + 1)
+    frames = am.output_frames(n)
+    if frames is None:
+        return None
+    ok = (frames >= 1).nonzero()
+    return int(n[ok[0, 0]]) if len(ok) else None
+
+
+def _load_beats(ckpt: Checkpoint, task: Task | None, device: str) -> AudioModel:
     from mamcli.beats import BeatsFeatures, load_beats
 
-    if task == "asr":
+    if task is not None and task.kind != "classify":
         raise MamError(f"{ckpt.spec}: BEATs is an audio-event model; use --task aec")
     cfg = {k: v for k, v in ckpt.config.items() if k != "model_type"}
     try:
@@ -155,7 +247,10 @@ def _load_beats(ckpt: Checkpoint, task: str, device: str) -> AudioModel:
     model = model.eval().to(resolve_device(device))
     features = BeatsFeatures()
     sig = set(inspect.signature(features.__call__).parameters)
-    return AudioModel(ckpt, model, features, None, task, features.sampling_rate, True, True, sig)
+    am = AudioModel(ckpt, model, features, None, task, features.sampling_rate, True, True, sig)
+    if task is not None:
+        task.bind(am)
+    return am
 
 
 @dataclass
@@ -178,9 +273,12 @@ def load_text_model(ckpt: Checkpoint, device: str = "cpu") -> TextModel:
 class ModelStore:
     """A loaded model seen as a :class:`TensorStore`, so ``plan_merge`` works on it unchanged."""
 
-    def __init__(self, model: Any, spec: str) -> None:
+    def __init__(self, model: Any, spec: str, round_to: torch.dtype | None = None) -> None:
+        """``round_to``: merged tensors pass through this dtype (the checkpoint's stored one), so a merge in
+        memory equals what ``mam merge`` writes even when the model computes in float32."""
         self.model = model
         self.spec = spec
+        self.round_to = round_to
         self.config: dict[str, Any] = model.config.to_dict()
         self.params = dict(model.state_dict(keep_vars=True))
         self.infos: dict[str, TensorInfo] = {n: TensorInfo(n, t.dtype, tuple(t.shape), MEMORY)
@@ -215,7 +313,7 @@ class InMemoryMerger:
             for name in merged.groups:
                 param = self.store.params[name]
                 original = self._originals.setdefault(name, param.detach().clone())
-                param.copy_(merged.compute(name, original).to(param.dtype))
+                param.copy_(merged.compute(name, original).to(self.store.round_to or param.dtype).to(param.dtype))
         self.stats = merged.stats
         return list(merged.groups)
 

@@ -1,9 +1,11 @@
 """Data-driven layer choice: compare the source's and target's per-layer representations of paired data.
 
 Which hidden state: ``hidden_states[i + 1]`` of both models, i.e. the output of Transformer block
-``i`` (attention and feed-forward), for every block i. Pooling: the mean over valid positions only
-(audio frames inside the clip's true length, via the model's own frame-length formula; text tokens
-with attention_mask = 1, [CLS]/[SEP] included). Only pooled vectors are kept, batch by batch.
+``i`` (attention and feed-forward), for every block i; for Whisper those of the encoder (the last
+one after the encoder's final LayerNorm, as transformers returns it). Pooling: the mean over valid
+positions only (audio frames inside the clip's true length, via the model's own frame-length formula:
+Whisper pads every clip to 30 s and keeps ceil(samples / 320) of its 1500 frames; text tokens with
+attention_mask = 1, [CLS]/[SEP] included). Only pooled vectors are kept, batch by batch.
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ def pooled_audio(am: AudioModel, clips: list[Any], batch_size: int,
                  ticker: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Clip id → (layers, hidden) pooled vectors of the audio model; ``ticker(clips done, total)``."""
     out: dict[str, np.ndarray] = {}
+    encoder = am.encoder()
     for batch in am.batches(clips, batch_size):
         inputs = am.inputs([c.audio for c in batch])
-        hs = am.model(**inputs, output_hidden_states=True).hidden_states[1:]
-        mask = am.frame_mask(inputs, hs[0].shape[1])
+        hs = encoder(**inputs, output_hidden_states=True).hidden_states[1:]
+        mask = am.valid_frames(inputs, [len(c.audio) for c in batch], hs[0].shape[1]).to(hs[0].device)
         pooled = torch.stack([_pool(h, mask) for h in hs], 1)
         out.update({c.item.id: pooled[k].float().cpu().numpy() for k, c in enumerate(batch)})
         if ticker:
@@ -113,9 +116,9 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
     bad: list[dict[str, str]] = []
     if progress:
         progress(f"reading {len(ds.items)} clips")
-    clips = list(iter_clips(ds, am.rate, opts.strict, bad, ticker))
+    clips = list(iter_clips(ds, am.rate, opts.strict, bad, ticker, usable=am.usable))
     if len(clips) < 2:
-        raise MamError(f"rank-layers needs at least 2 readable clips; got {len(clips)}")
+        raise MamError(f"rank-layers needs at least 2 usable clips; got {len(clips)}")
     if progress:
         progress("encoding audio")
     audio = pooled_audio(am, clips, opts.batch_size or default_batch_size(am.model), ticker)
@@ -138,7 +141,7 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
                    "target": {**target.describe(), "family": tgt_arch.family.name}, "data": ds.describe()},
         "hidden_state": HIDDEN_STATE, "pooling": POOLING, "layer_map": layer_map,
         "primary_metric": metrics[0], "top_k": top_k, "n_projections": opts.n_projections, "seed": opts.seed,
-        "metrics": results, "samples": ids, "bad_clips": bad, "notes": notes,
+        "metrics": results, "samples": ids, "skipped_clips": len(bad), "bad_clips": bad, "notes": notes,
         "versions": versions(), "wall_time_s": round(time.perf_counter() - started, 3),
         "peak_rss_mib": peak_rss_mib(),
     }

@@ -60,17 +60,37 @@ KINDS: dict[str, tuple[str, Any]] = {
     "wav2vec2-ctc": ("Wav2Vec2ForCTC", lambda h, n, a: _speech("Wav2Vec2Config", h, n, a)),
     "wavlm-ctc": ("WavLMForCTC", lambda h, n, a: _speech("WavLMConfig", h, n, a)),
     "data2vec-audio-ctc": ("Data2VecAudioForCTC", lambda h, n, a: _speech("Data2VecAudioConfig", h, n, a)),
-    "whisper": ("WhisperModel", lambda h, n, a: __import__("transformers").WhisperConfig(
+    # Whisper's encoder and decoder alone, small mel input (merge tests: no processor)
+    "whisper-model": ("WhisperModel", lambda h, n, a: __import__("transformers").WhisperConfig(
         d_model=h, encoder_layers=n, decoder_layers=1, encoder_attention_heads=a, decoder_attention_heads=a,
         encoder_ffn_dim=2 * h, decoder_ffn_dim=2 * h, num_mel_bins=16, max_source_positions=32,
         max_target_positions=32, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         decoder_start_token_id=1)),
+    # whisper-tiny.en's layout (80 mels, 30 s windows, its vocabulary and tokenizer), random and narrow
+    "whisper": ("WhisperForConditionalGeneration", lambda h, n, a: _whisper(h, n, a)),
+    "whisper-aec": ("WhisperForAudioClassification", lambda h, n, a: _whisper(
+        h, n, a, num_labels=10, classifier_proj_size=h // 2)),
 }
+
+# tokenizer files (and the English-only generation settings) come from the real checkpoint in shared/
+WHISPER_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "models" / "whisper-tiny.en"
+
+
+def _whisper(hidden: int, layers: int, heads: int, **extra: Any) -> Any:
+    """whisper-tiny.en's vocabulary, special tokens and 30 s input; two decoder layers."""
+    import transformers
+
+    return transformers.WhisperConfig(
+        d_model=hidden, encoder_layers=layers, decoder_layers=2, encoder_attention_heads=heads,
+        decoder_attention_heads=heads, encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden, num_mel_bins=80,
+        max_source_positions=1500, max_target_positions=448, vocab_size=51864, pad_token_id=50256,
+        bos_token_id=50257, eos_token_id=50256, decoder_start_token_id=50257, begin_suppress_tokens=[220, 50256],
+        suppress_tokens=[], **extra)
 
 
 def save_tiny(kind: str, path: str | Path, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0,
               dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:
-    """Build a randomly initialised model of ``kind`` and save it (with a processor for CTC models)."""
+    """Build a randomly initialised model of ``kind`` and save it (with its processor where the kind has one)."""
     import transformers
 
     path = Path(path)
@@ -95,7 +115,27 @@ def save_tiny(kind: str, path: str | Path, hidden: int = 32, layers: int = 2, he
         save_wordpiece_tokenizer(path)
     if kind == "ast":
         transformers.ASTFeatureExtractor(num_mel_bins=128, max_length=100, sampling_rate=16000).save_pretrained(path)
+    if kind == "whisper":
+        save_whisper_processor(path)
+    if kind == "whisper-aec":
+        transformers.WhisperFeatureExtractor().save_pretrained(path)
     return path
+
+
+def save_whisper_processor(path: Path) -> None:
+    """whisper-tiny.en's real tokenizer, a default 80-mel feature extractor, and an English-only generation
+    config (start of transcript, no timestamps) that ``generate()`` accepts."""
+    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
+
+    if not (WHISPER_REFERENCE / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{WHISPER_REFERENCE}: the whisper-tiny.en tokenizer files are missing")
+    tok = WhisperTokenizer.from_pretrained(WHISPER_REFERENCE)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(), tokenizer=tok).save_pretrained(path)
+    gen = GenerationConfig.from_pretrained(WHISPER_REFERENCE)
+    gen.alignment_heads = [[0, 0]]  # the real heads name layers this model does not have
+    gen.suppress_tokens = []
+    gen.forced_decoder_ids = None  # the prompt comes from no_timestamps_token_id, as for new checkpoints
+    gen.save_pretrained(path)  # replaces the one save_pretrained derived from the config
 
 
 # lower-case characters as WordPiece tokens: any English transcript tokenizes without [UNK]

@@ -70,7 +70,7 @@ def test_pooling_excludes_padding_by_hand(tiny):
         inputs = am.inputs([c.audio for c in clips])
         with torch.no_grad():
             hs = am.model(**inputs, output_hidden_states=True).hidden_states
-        mask = am.valid_frames(torch.tensor([len(c.audio) for c in clips]), hs[1].shape[1])
+        mask = am.valid_frames(inputs, [len(c.audio) for c in clips], hs[1].shape[1])
         short = int(np.argmin([len(c.audio) for c in clips]))
         n_valid = int(mask[short].sum())
         assert n_valid < hs[1].shape[1]

@@ -1,0 +1,137 @@
+"""What a kind of head needs from evaluate, rank-layers and finetune, in one object.
+
+A task knows how its model is loaded (the transformers auto class), which checkpoints it fits
+(``matches``/``supports``), what a dataset must hold (``check``), how a batch becomes hypotheses or
+labels (``predict``), how they are scored and described in the report, and the targets for
+fine-tuning (``labels``). The loops (evaluate, finetune) own batching, caching, train/eval mode and
+progress. Task, family (tensor names) and checkpoint format (HF, BEATs) are independent axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from mamcli.errors import MamError
+from mamcli.metrics import asr_scores, describe_normaliser, resolve_normaliser
+
+if TYPE_CHECKING:
+    from mamcli.data import Dataset, Item
+    from mamcli.models import AudioModel
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Per-run choices of a task: decoding (seq2seq), text normalisation (ASR), label matching (audio events)."""
+
+    beams: int = 1
+    language: str | None = None
+    normalizer: str = "auto"
+    label_map: Path | None = None
+
+
+@dataclass
+class Predicted:
+    """One batch's outputs: a text or dataset label per clip, and whether decoding stopped at its length bound."""
+
+    texts: list[str]
+    at_bound: list[bool] = field(default_factory=list)
+
+
+def _architectures(config: dict[str, Any]) -> list[str]:
+    return [str(a) for a in config.get("architectures") or []]
+
+
+class Task:
+    """One kind of head. Subclasses fill the class attributes and the hooks they need."""
+
+    name: ClassVar[str]  # what reports and --task call it: "asr" | "aec"
+    kind: ClassVar[str]  # "ctc" | "seq2seq" | "classify"
+    auto_class: ClassVar[str]  # transformers auto class that loads the head
+    mapping: ClassVar[str]  # transformers' model_type → class table of that auto class
+    arch_suffixes: ClassVar[tuple[str, ...]]  # config.architectures endings that mean this head
+    default_lr: ClassVar[float]
+    needs_tokenizer: ClassVar[bool] = False
+    default_normalizer: ClassVar[str | None] = None  # ASR tasks: what "auto" means
+    cpu_batch_size: ClassVar[int] = 1  # clips per batch on CPU unless asked (models.default_batch_size)
+
+    def __init__(self, options: TaskOptions | None = None) -> None:
+        self.options = options or TaskOptions()
+        if self.options.beams < 1:
+            raise MamError(f"--beams must be at least 1; got {self.options.beams}")
+        if self.options.beams > 1 and self.kind != "seq2seq":
+            raise MamError(f"--beams applies to sequence-to-sequence models (Whisper); {self.describe_head()} "
+                           "decodes greedily")
+        if self.options.language is not None and self.kind != "seq2seq":
+            raise MamError(f"--language applies to multilingual sequence-to-sequence models (Whisper); "
+                           f"this is {self.describe_head()}")
+        self.normalizer = resolve_normaliser(self.options.normalizer, self.default_normalizer or "basic")
+
+    # ---- which checkpoints -------------------------------------------------------------------
+    @classmethod
+    def supports(cls, config: dict[str, Any]) -> bool:
+        """transformers has this head for the checkpoint's model_type."""
+        from transformers.models.auto import modeling_auto
+
+        return str(config.get("model_type")) in getattr(modeling_auto, cls.mapping)
+
+    @classmethod
+    def matches(cls, config: dict[str, Any]) -> bool:
+        """The checkpoint was saved with this head (config.architectures)."""
+        return cls.supports(config) and any(a.endswith(cls.arch_suffixes) for a in _architectures(config))
+
+    def describe_head(self) -> str:
+        return {"ctc": "a CTC model", "seq2seq": "a sequence-to-sequence model",
+                "classify": "an audio-classification model"}[self.kind]
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def bind(self, am: AudioModel) -> None:
+        """Check the options against the loaded model (e.g. --language on an English-only Whisper)."""
+
+    def check(self, ds: Dataset) -> None:
+        """Refuse a dataset that lacks what this task scores (transcripts, labels)."""
+
+    def predict(self, am: AudioModel, inputs: dict[str, torch.Tensor], samples: list[int]) -> Predicted:
+        """Hypotheses (or dataset labels) of one batch; ``samples``: each clip's length at the model's rate."""
+        raise NotImplementedError
+
+    def score(self, items: list[Item], preds: dict[str, str], at_bound: set[str]) -> dict[str, Any]:
+        """Scores of one pass; ``at_bound``: the clips whose decoding stopped at its length bound."""
+        raise NotImplementedError
+
+    def labels(self, am: AudioModel, items: list[Item]) -> torch.Tensor:
+        """Fine-tuning targets of one batch, as the head's ``labels=`` takes them (-100 where ignored)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "head": self.kind}
+
+
+class SpeechRecognition(Task):
+    """What CTC and sequence-to-sequence recognition share: transcripts, WER/CER, the normaliser."""
+
+    name = "asr"
+    needs_tokenizer = True
+    default_lr = 1e-5
+    spelling: dict[str, str] | None = None  # the tokenizer's English spelling map, when it ships one
+
+    def check(self, ds: Dataset) -> None:
+        if any(not i.text for i in ds.items):
+            raise MamError(f"dataset {ds.spec!r} has clips without transcripts; ASR needs text")
+
+    def score(self, items: list[Item], preds: dict[str, str], at_bound: set[str]) -> dict[str, Any]:
+        refs = [i.text or "" for i in items]
+        hyps = [preds[i.id] for i in items]
+        scores = asr_scores(refs, hyps, self.normalizer, self.spelling)
+        scores["error"] = scores["wer"]
+        scores["utterances"] = [{"id": i.id, "reference": r, "hypothesis": h}
+                                for i, r, h in zip(items, refs, hyps, strict=True)]
+        return scores
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "normalizer": {
+            "name": self.normalizer, "asked": self.options.normalizer,
+            "steps": describe_normaliser(self.normalizer, self.spelling), "applied_to": "references and hypotheses"}}
