@@ -81,6 +81,21 @@ class Noise(StrEnum):
     normal = "normal"
 
 
+class Normalizer(StrEnum):
+    auto = "auto"
+    whisper = "whisper"
+    basic = "basic"
+    none = "none"
+
+
+NormalizerOpt = Annotated[Normalizer, typer.Option("--normalizer", help="Text normaliser of references and "
+                                                   "hypotheses: auto = whisper (Whisper's English normaliser) for "
+                                                   "sequence-to-sequence models, basic (lower case, no punctuation) "
+                                                   "for CTC.")]
+LanguageOpt = Annotated[str | None, typer.Option("--language", help="Multilingual Whisper: the language spoken "
+                                                 "(e.g. en); refused for English-only checkpoints.")]
+
+
 class OutDtype(StrEnum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -499,7 +514,10 @@ def evaluate_cmd(
     subset: SubsetOpt = None,
     text_column: TextColumnOpt = None,
     label_column: LabelColumnOpt = None,
-    normalizer: Annotated[str, typer.Option("--normalizer", help="Text normaliser: basic | none.")] = "basic",
+    normalizer: NormalizerOpt = Normalizer.auto,
+    beams: Annotated[int, typer.Option("--beams", min=1, help="Whisper: 1 is greedy decoding (the default), more "
+                                       "is beam search (transformers' ASR pipeline uses 5).")] = 1,
+    language: LanguageOpt = None,
     label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
     = None,
     batch_size: BatchOpt = None,
@@ -521,8 +539,8 @@ def evaluate_cmd(
     from mamcli.report import write_json
 
     started = time.perf_counter()
-    opts = EvalOptions(task=task.value, normalizer=normalizer, batch_size=batch_size, strict=strict,
-                       label_map=label_map, device=device, cache_gb=cache_gb)
+    opts = EvalOptions(task=task.value, normalizer=normalizer.value, batch_size=batch_size, strict=strict,
+                       label_map=label_map, device=device, cache_gb=cache_gb, beams=beams, language=language)
     sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
                       noises=[n.strip() for n in noise.split(",")] if noise else [], with_source=not noise_only,
                       seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map)
@@ -534,8 +552,8 @@ def evaluate_cmd(
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
         first = "dev" if pick_on_dev else split.value
-        parts = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
-        ds = parts.part(first)
+        corpus = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
+        ds = corpus.part(first)
         stages = stack.enter_context(_Stages(quiet))
         note = stages.note
         ev = Evaluator(tgt, ds, opts, progress=note, ticker=stages.tick)
@@ -546,7 +564,7 @@ def evaluate_cmd(
             best = best_point(result["points"])
             if note:
                 note(f"best on dev: {_point_name(best)}; evaluating it on test")
-            test_ds = parts.part("test")
+            test_ds = corpus.part("test")
             test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick)  # model loaded
             one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None,
                           noises=[best["noise"]] if best.get("noise") else [],
@@ -623,8 +641,10 @@ def finetune_cmd(
     = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")]
     = 50,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in DIR.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Start over in an existing DIR.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run kept beside DIR (.DIR.mam-run).")]
+    = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier mam output in DIR, once the new one "
+                                        "is complete.")] = False,
     dev_fraction: DevFracOpt = 0.1,
     folds: FoldsOpt = None,
     limit: LimitOpt = None,
@@ -632,33 +652,46 @@ def finetune_cmd(
     subset: SubsetOpt = None,
     text_column: TextColumnOpt = None,
     label_column: LabelColumnOpt = None,
-    normalizer: Annotated[str, typer.Option("--normalizer", help="basic | none.")] = "basic",
+    normalizer: NormalizerOpt = Normalizer.auto,
+    freeze_decoder: Annotated[bool, typer.Option("--freeze-decoder", help="Whisper: train the encoder only.")]
+    = False,
+    language: LanguageOpt = None,
+    beams: Annotated[int, typer.Option("--beams", min=1, help="Whisper: beam width of the dev decoding.")] = 1,
     device: DeviceOpt = "auto",
+    fmt: FormatOpt = Format.table,
     arch_map: ArchMapOpt = None,
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune the target: plain, after MAM (--source --lam-init), or with learned λ (--learnable-lam)."""
+    """Fine-tune the target: plain, after MAM (--source --lam-init), or with learned λ (--learnable-lam).
+
+    stdout: one row per epoch (loss, dev error), or the whole report with --format json.
+    """
     from mamcli.checkpoint import resolve
     from mamcli.finetune import FinetuneOptions, finetune
-    from mamcli.models import detect_task
     from mamcli.report import dumps
+    from mamcli.tasks import resolve as resolve_task
 
+    _logging(verbose, quiet)
     with ExitStack() as stack:
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
-        kind = detect_task(tgt.config) if task == Task.auto else task.value
-        opts = FinetuneOptions(task=kind, lam_init=lam_init, learnable_lam=learnable_lam, layers=layers,
+        head = resolve_task(task.value, tgt.config, tgt.spec)
+        opts = FinetuneOptions(task=head.name, lam_init=lam_init, learnable_lam=learnable_lam, layers=layers,
                                per_part=per_part, parts=_parts(parts), epochs=epochs,
-                               lr=lr if lr is not None else (1e-5 if kind == "asr" else 1e-3), lam_lr=lam_lr,
+                               lr=lr if lr is not None else head.default_lr, lam_lr=lam_lr,
                                batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
                                freeze_feature_encoder=freeze_feature_encoder, seed=seed, max_steps=max_steps,
-                               checkpoint_every=checkpoint_every, device=device, normalizer=normalizer)
-        parts = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
-        train, dev = parts.part("train"), parts.part("dev")
+                               checkpoint_every=checkpoint_every, device=device, normalizer=normalizer.value,
+                               freeze_decoder=freeze_decoder, language=language, beams=beams)
+        corpus = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
+        train, dev = corpus.part("train"), corpus.part("dev")
         report = finetune(tgt, train, dev, opts, out, src, resume=resume, force=force,
-                          families=_families(arch_map), progress=None if quiet else _note)
+                          families=_families(arch_map), progress=None if quiet else _note,
+                          command=_command_line())
     if "process" not in report:  # under a launcher, only the main process reports
-        _out(dumps(report))
+        rows = report.get("epochs") or [{k: report.get(k) for k in ("status", "step", "epoch", "resume")}]
+        _out(dumps(report) if fmt == Format.json else render(rows, fmt, title=f"fine-tuned into {out}"))
 
 
 @app.command("map")

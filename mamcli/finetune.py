@@ -4,22 +4,33 @@ L-MAM (Eq. 3): every merged target weight is reparametrised as
 ``W = λ_i · W_source + (1 − λ_i) · W_target`` with ``λ_i = sigmoid(logit_i)`` (so λ stays in [0, 1]),
 the source weight a frozen buffer, the target weight and the logits trainable (torch
 parametrizations). At the end the merged weights are baked into an ordinary checkpoint.
-Runs are resumable: checkpoints at step boundaries hold the weights, λ logits, optimizer,
-scheduler and RNG state, so a resumed run ends where an uninterrupted one would.
+
+Three kinds of head train here: CTC (the wav2vec2 family), sequence to sequence (Whisper: cross-entropy
+on the transcript tokens after Whisper's decoder prompt) and audio classification. Only encoder
+attention is ever merged; Whisper's decoder never sees a λ.
+
+Runs are resumable: the state (weights, λ logits, optimizer, scheduler, RNG, the position in the epoch
+and the epoch's loss so far) lives in a hidden sibling of the output, ``.DIR.mam-run/``, so a resumed
+run ends where an uninterrupted one would, and DIR itself is written once, whole, at the end: an
+existing DIR (``--force``) is replaced only then.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -27,18 +38,31 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from mamcli.card import write_card
 from mamcli.checkpoint import Checkpoint
 from mamcli.data import Clip, Dataset, iter_clips
-from mamcli.errors import MamError
+from mamcli.errors import Interrupted, MamError
 from mamcli.evaluate import EvalOptions, Evaluator
 from mamcli.families import FAMILIES, Family
 from mamcli.merge import MergeOptions, MergePlan, TensorStore
-from mamcli.metrics import normaliser
-from mamcli.models import AudioModel, InMemoryMerger, ModelStore, _transformers, load_audio_model, resolve_device
+from mamcli.models import (
+    AudioModel,
+    InMemoryMerger,
+    ModelStore,
+    _transformers,
+    load_audio_model,
+    resolve_device,
+    stored_dtype,
+)
 from mamcli.report import peak_rss_mib, versions, write_json
-from mamcli.writer import atomic_output_dir
+from mamcli.tasks import Task, TaskOptions, make
+from mamcli.writer import REPORT_FILE, atomic_output_dir, check_output_dir, hash_tree, output_lock
 
-STATE_DIR = ".mam-run"  # inside the output directory while a run is in progress
+RUN_FILES = frozenset({"state.pt", "best.pt", "state.pt.tmp", "best.pt.tmp"})  # all a run folder ever holds
+# convolutional front ends of models that lack transformers' freeze_feature_encoder(), below the arch prefix
+FRONT_ENDS: dict[str, tuple[str, ...]] = {"whisper": ("encoder.conv1", "encoder.conv2")}
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # deferred to the end of the optimizer step while training
+RESUME_MAY_CHANGE = ("max_steps", "checkpoint_every", "device")  # every other option must match on --resume
 
 
 @dataclass
@@ -56,12 +80,34 @@ class FinetuneOptions:
     grad_accum: int = 1
     warmup: int = 0
     weight_decay: float = 0.01
-    freeze_feature_encoder: bool = False
+    freeze_feature_encoder: bool = False  # the convolutional front end (wav2vec2 family, Whisper's conv1/conv2)
+    freeze_decoder: bool = False  # sequence-to-sequence models (Whisper): train the encoder only
+    language: str | None = None  # Whisper: the transcripts' language (multilingual checkpoints only)
+    beams: int = 1  # Whisper: beam search width of the dev decoding
     seed: int = 0
     max_steps: int | None = None  # stop (and checkpoint) after this many optimizer steps
     checkpoint_every: int = 50
     device: str = "cpu"
-    normalizer: str = "basic"
+    normalizer: str = "auto"  # the task's default: whisper for Whisper, basic for CTC (shapes CTC's targets too)
+
+    def __post_init__(self) -> None:
+        """Bad numbers are one line however the options were built (the CLI bounds them as well)."""
+        if self.task not in ("asr", "aec"):
+            raise MamError(f"--task must be asr or aec; got {self.task!r}")
+        for flag, rate in (("--lr", self.lr), ("--lam-lr", self.lam_lr)):
+            if not (math.isfinite(rate) and rate > 0):
+                raise MamError(f"{flag} must be a finite number above 0; got {rate}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise MamError(f"weight decay must be a finite number, 0 or more; got {self.weight_decay}")
+        counts = (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                  ("--max-steps", self.max_steps), ("--checkpoint-every", self.checkpoint_every))
+        for flag, n in counts:
+            if n is not None and n < 1:
+                raise MamError(f"{flag} must be at least 1; got {n}")
+        if self.warmup < 0:
+            raise MamError(f"--warmup must be 0 or more; got {self.warmup}")
+        if self.lam_init is not None and not (math.isfinite(self.lam_init) and 0 <= self.lam_init <= 1):
+            raise MamError(f"--lam-init must lie in [0, 1]; got {self.lam_init}")
 
 
 class LamMerge(nn.Module):
@@ -152,30 +198,63 @@ def lam_table(bank: LamBank, plan: MergePlan, num_layers: int) -> dict[str, list
     return table
 
 
-def ctc_targets(tokenizer: Any, texts: list[str], norm: str) -> torch.Tensor:
-    """Character targets for CTC: normalised text, cased like the tokenizer's vocabulary, -100 padded."""
-    f = normaliser(norm)
-    vocab = tokenizer.get_vocab()
-    upper = "A" in vocab and "a" not in vocab
-    prepared = [f(t).upper() if upper else f(t) for t in texts]
-    enc = tokenizer(prepared, padding=True, return_tensors="pt", return_attention_mask=True)
-    return enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+def _unlearnable(am: AudioModel, clip: Clip) -> str | None:
+    """Why the head cannot learn from this clip (None: it can). Such a clip gives an infinite or undefined loss,
+    which would otherwise surface later as a "non-finite loss" with the wrong advice."""
+    if not np.isfinite(clip.audio).all():
+        return "its audio holds NaN or infinite samples"
+    task = am.task
+    assert task is not None
+    if task.kind == "classify":
+        return None
+    ids = task.labels(am, [clip.item])[0]
+    ids = ids[ids != -100]
+    if task.kind == "seq2seq":
+        longest = int(am.model.config.max_target_positions)
+        return f"its transcript is {len(ids)} tokens; the decoder takes at most {longest}" if len(ids) > longest \
+            else None
+    need = len(ids) + int((ids[1:] == ids[:-1]).sum())  # CTC puts a blank between repeated labels
+    frames = am.output_frames(torch.tensor([len(clip.audio)]))
+    if frames is not None and int(frames[0]) < need:
+        return f"its transcript needs {need} CTC frames; its audio gives {int(frames[0])}"
+    return None
 
 
-def load_for_training(target: Checkpoint, task: str, ds: Dataset, device: str) -> AudioModel:
-    """The target with its processor; for audio events a classifier sized to the dataset's labels."""
+def load_for_training(target: Checkpoint, task: Task, ds: Dataset, device: str) -> AudioModel:
+    """The target with its processor; for audio events a classifier sized to the dataset's labels (from a
+    Whisper speech-recognition folder: its encoder under a new head, which transformers loads from the
+    folder's ``model.encoder.*``)."""
     labels = ds.all_labels
-    if task != "aec":
-        return load_audio_model(target, task, device)
+    fp32 = torch.float32  # trained in float32 everywhere: a half-precision checkpoint would train in fp16 on a GPU
+    if task.kind != "classify":
+        return load_audio_model(target, task, device, dtype=fp32)
     if target.fmt != "beats":  # transformers builds the new head while loading: the model is read once
         saved = sorted(str(v) for v in (target.config.get("id2label") or {}).values())
-        return load_audio_model(target, task, device, labels=None if saved == sorted(labels) else labels)
-    am = load_audio_model(target, task, device)
-    if sorted(str(v) for v in am.model.config.id2label.values()) != sorted(labels):
+        return load_audio_model(target, task, device, labels=None if saved == sorted(labels) else labels, dtype=fp32)
+    am = load_audio_model(target, "encode", device, dtype=fp32)  # a BEATs encoder may have no head yet: bind after
+    if sorted(str(v) for v in (am.model.config.id2label or {}).values()) != sorted(labels):
         from mamcli.beats import new_head
 
         new_head(am.model, labels)
+    am.task = task
+    task.bind(am)
     return am
+
+
+def _freeze(am: AudioModel, store: ModelStore, opts: FinetuneOptions, spec: str) -> None:
+    model = am.model
+    if opts.freeze_feature_encoder:
+        if hasattr(model, "freeze_feature_encoder"):
+            model.freeze_feature_encoder()
+        elif model.config.model_type in FRONT_ENDS:
+            for name in FRONT_ENDS[model.config.model_type]:
+                model.get_submodule(store.arch().prefix + name).requires_grad_(False)
+        else:
+            raise MamError(f"--freeze-feature-encoder: {spec} has no convolutional front end that mam knows")
+    if opts.freeze_decoder:
+        if am.task is None or am.task.kind != "seq2seq":
+            raise MamError(f"--freeze-decoder: {spec} has no decoder (only sequence-to-sequence models do)")
+        model.get_decoder().requires_grad_(False)
 
 
 @dataclass
@@ -186,6 +265,16 @@ class RunState:
     best: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     trajectory: list[dict[str, Any]] = field(default_factory=list)
+    processes: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # what a resume must match (not RESUME_MAY_CHANGE)
+    loss_sum: list[float] = field(default_factory=list)  # per process: the current epoch's loss so far
+    loss_count: list[int] = field(default_factory=list)
+
+
+def run_dir(out: Path) -> Path:
+    """Where a run keeps its resumable state: a hidden sibling of ``out`` (found again by --resume)."""
+    name = out.name if len(out.name.encode()) <= 240 else out.name.encode()[:240].decode(errors="ignore")  # ≤ 255 B
+    return out.with_name(f".{name}.mam-run")
 
 
 def _numpy_rng() -> dict[str, Any]:
@@ -207,61 +296,157 @@ def _save_state(path: Path, model: nn.Module, opt: Any, sched: Any, st: RunState
     tmp.replace(path)
 
 
+class _StopRequests:
+    """Ctrl-C, SIGTERM and SIGHUP while training are noted and acted on at the end of the optimizer step,
+    where the saved state is whole; then the signal is handed on as it came (to the handler before this
+    one: ``mam``'s raises :class:`Interrupted`, exit 128 + N; Python's default raises KeyboardInterrupt).
+    A second signal is handed on at once; the last checkpoint stays."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is threading.main_thread():
+            for num in (getattr(signal, n) for n in SIGNALS if hasattr(signal, n)):
+                if signal.getsignal(num) not in (signal.SIG_IGN, None):
+                    self.previous[num] = signal.signal(num, self._note)
+        try:
+            yield
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        for num, handler in self.previous.items():
+            signal.signal(num, handler)
+        self.previous = {}
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            self.hand_on(signum, frame)
+        self.signum = signum
+        self.say(f"{signal.Signals(signum).name}: saving the run at the end of this step (again to stop at once)")
+
+    def requested(self, acc: Any) -> bool:
+        """Whether any process was signalled (all processes must stop at the same step)."""
+        if acc.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor(float(self.signum is not None), device=acc.device)
+        return bool(acc.reduce(flag, "sum") > 0)
+
+    def hand_on(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        """Deliver the signal to the handler it would have reached; raise :class:`Interrupted` if that one did not."""
+        num = signum or self.signum or signal.SIGTERM  # another process was signalled: stop like it
+        handler = self.previous.get(num)
+        self._restore()
+        if callable(handler):
+            handler(num, frame)
+        raise Interrupted(num)
+
+
 def finetune(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: FinetuneOptions, out: Path,
              source: Checkpoint | None = None, *, resume: bool = False, force: bool = False,
-             families: tuple[Family, ...] = FAMILIES,
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train, evaluate on dev after each epoch, keep the best, and write a loadable checkpoint to ``out``."""
+             families: tuple[Family, ...] = FAMILIES, progress: Callable[[str], None] | None = None,
+             command: str | None = None) -> dict[str, Any]:
+    """Train, evaluate on dev after each epoch, keep the best, and write a loadable checkpoint to ``out``
+    with a model card (README.md) naming ``command``.
+
+    ``force`` replaces an earlier mam output (never an input or a folder mam did not write), and only
+    once the new output is complete; ``resume`` continues the run kept beside ``out``."""
     started = time.perf_counter()
-    if opts.task not in ("asr", "aec"):
-        raise MamError(f"--task must be asr or aec; got {opts.task!r}")
     if opts.learnable_lam and source is None:
         raise MamError("--learnable-lam needs --source")
+    if opts.lam_init is not None and source is None:
+        raise MamError("--lam-init needs --source (the model whose attention is merged in)")
     if source is not None and opts.lam_init is None:
         raise MamError("with --source give --lam-init (the fixed λ of MAM, or L-MAM's starting λ)")
-    sizes = (("--epochs", opts.epochs), ("--batch-size", opts.batch_size), ("--grad-accum", opts.grad_accum))
-    for name, value in sizes:
-        if value < 1:
-            raise MamError(f"{name} must be at least 1; got {value}")
+    task = make(opts.task, target.config, TaskOptions(beams=opts.beams, language=opts.language,
+                                                      normalizer=opts.normalizer), spec=target.spec)
     out = out.expanduser().absolute()
-    state_dir = out / STATE_DIR
+    work = run_dir(out)
+    inputs = [target.root, *([source.root] if source else []), train.root, *([dev.root] if dev else [])]
     # every process checks before any process changes anything; only the main process changes files
     acc = _accelerator(opts.device)
     say = progress if progress is not None and acc.is_main_process else _quiet  # one voice on stderr
-    if out.exists() and not resume and not force:
-        raise MamError(f"{out} already exists; pass --resume to continue its run or --force to start over")
-    if resume and not (state_dir / "state.pt").is_file():
-        raise MamError(f"nothing to resume in {out}: no {STATE_DIR}/state.pt")
-    created = not resume and (force or not out.exists())
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if force and not resume and out.exists():
-            shutil.rmtree(out)
-        state_dir.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    try:
-        return _run(target, train, dev, opts, out, state_dir, source, resume, families, say, started, acc)
-    except BaseException:
-        if created and acc.is_main_process and not (state_dir / "state.pt").is_file():
-            shutil.rmtree(out, ignore_errors=True)  # failed before any progress: leave nothing
-        raise
+    if resume and not (work / "state.pt").is_file():
+        raise MamError(f"nothing to resume for {out}: no saved run in {work}")
+    if not resume and work.exists():
+        if not force:
+            raise MamError(f"an unfinished run for {out} is kept in {work}: pass --resume to continue it or "
+                           "--force to start over")
+        if not work.is_dir() or any(p.name not in RUN_FILES for p in work.iterdir()):
+            raise MamError(f"{work} holds files mam did not write; remove it yourself")
+    replace = force or resume  # a resumed run was allowed to replace DIR when it started
+    check_output_dir(out, replace, inputs)
+    with output_lock(out) if acc.is_main_process else nullcontext():
+        acc.wait_for_everyone()
+        created = False
+        if acc.is_main_process:
+            if not resume and work.exists():
+                shutil.rmtree(work)  # --force: the unfinished run is dropped (its folder holds only RUN_FILES)
+            created = not work.exists()
+            try:
+                work.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise MamError(f"cannot create {work}: {e.strerror}") from None
+        acc.wait_for_everyone()
+        try:
+            return _run(target, task, train, dev, opts, out, work, source, resume, replace, inputs, families,
+                        say, started, acc, command)
+        except BaseException:
+            if created and acc.is_main_process and not (work / "state.pt").is_file():
+                shutil.rmtree(work, ignore_errors=True)  # failed before any progress: leave nothing
+            raise
 
 
 def _quiet(_msg: str) -> None:
     """Progress sink without a progress callback, and for the other processes of a launched run."""
 
 
-def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: FinetuneOptions, out: Path,
-         state_dir: Path, source: Checkpoint | None, resume: bool, families: tuple[Family, ...],
-         say: Callable[[str], None], started: float, acc: Any) -> dict[str, Any]:
+def _read_clips(train: Dataset, am: AudioModel, bad: list[dict[str, str]]) -> list[Clip]:
+    """Training clips; unreadable ones, those the model's front end cannot take (too short, too long) and those
+    the head cannot learn from are named in ``bad`` and skipped, as evaluate and rank-layers skip them."""
+    clips = []
+    for clip in iter_clips(train, am.rate, False, bad, usable=am.usable):
+        why = _unlearnable(am, clip)
+        if why is None:
+            clips.append(clip)
+        else:
+            bad.append({"id": clip.item.id, "path": str(clip.item.path), "error": f"{clip.item.path}: {why}"})
+    return sorted(clips, key=lambda c: c.item.id)
+
+
+def _non_finite(loss: float, step: int, batch: list[Clip], last_good: list[Clip] | None, model: nn.Module,
+                loss_of: Callable[[list[Clip]], torch.Tensor], lr: float) -> MamError:
+    """Name the cause of a non-finite loss: diverged weights (non-finite, or the last good batch fails now:
+    lower --lr), or the clips that fail alone (their audio or transcript)."""
+    where = f"the loss became {loss} at step {step}"
+    with torch.no_grad():
+        diverged = any(not torch.isfinite(p).all() for p in model.parameters()) or (
+            last_good is not None and not torch.isfinite(loss_of(last_good)))
+        culprits = [] if diverged else [c.item.id for c in batch if not torch.isfinite(loss_of([c]))]
+    if diverged:
+        return MamError(f"{where}: the weights diverged; lower --lr (now {lr:g}) or add --warmup")
+    if culprits:
+        return MamError(f"{where} on clip(s) {', '.join(culprits)}, which give a non-finite loss alone: check their "
+                        "audio and transcript, or leave them out")
+    return MamError(f"{where}, though no clip of the batch does alone: lower --lr (now {lr:g}) or --batch-size")
+
+
+def _run(target: Checkpoint, task: Task, train: Dataset, dev: Dataset | None, opts: FinetuneOptions, out: Path,
+         work: Path, source: Checkpoint | None, resume: bool, replace: bool, inputs: list[Path],
+         families: tuple[Family, ...], say: Callable[[str], None], started: float, acc: Any,
+         command: str | None) -> dict[str, Any]:
 
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)  # transformers' SpecAugment time masks use numpy's global RNG
-    am = load_for_training(target, opts.task, train, opts.device)
+    am = load_for_training(target, task, train, opts.device)
+    task.check(train)
     model = am.model
-    if opts.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
-        model.freeze_feature_encoder()
-    store = ModelStore(model, target.spec)
+    store = ModelStore(model, target.spec, round_to=stored_dtype(target))  # MAM's start equals `mam merge`'s
+    _freeze(am, store, opts, target.spec)
     plan = None
     bank: LamBank | None = None
     if source is not None:
@@ -274,11 +459,10 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
             merger.apply(source, plan)
     bad: list[dict[str, str]] = []
     say(f"reading {len(train.items)} training clips")
-    clips: list[Clip] = list(iter_clips(train, am.rate, False, bad))
+    clips = _read_clips(train, am, bad)
     if not clips:
-        raise MamError(f"no readable training clip in {train.spec!r}")
-    clips.sort(key=lambda c: c.item.id)
-    label_ids = {str(k): int(v) for k, v in model.config.label2id.items()}
+        raise MamError(f"no usable training clip in {train.spec!r}" + (f" (first problem: {bad[0]['error']})"
+                                                                      if bad else ""))
 
     lam_params = {id(bank.logits)} if bank is not None else set()
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in lam_params]
@@ -295,54 +479,76 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
     # counted in real optimizer steps, so not handed to Accelerate (which would step it n_proc times)
     scheduler = tf.get_linear_schedule_with_warmup(optimizer, opts.warmup, max(total_steps, 1))
     wrapped, optimizer = acc.prepare(model, optimizer)
-    st = RunState()
+    recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k not in RESUME_MAY_CHANGE}
+    st = RunState(processes=n_proc, options=recipe, loss_sum=[0.0] * n_proc, loss_count=[0] * n_proc)
     if resume:
-        saved = torch.load(state_dir / "state.pt", map_location=model.device, weights_only=True)
+        saved = torch.load(work / "state.pt", map_location=model.device, weights_only=True)
+        st = RunState(**json.loads(saved["run"]))
+        if st.processes != n_proc:
+            raise MamError(f"the run in {work} was started with {st.processes} process(es); resume it with as many")
+        changed = [k for k in recipe if st.options.get(k) != recipe[k]]
+        if changed:
+            raise MamError(f"--resume with other options than the run started with ({', '.join(changed)}); "
+                           "give the same ones, or --force to start over")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         _restore_numpy_rng(saved["numpy_rng"])
-        st = RunState(**json.loads(saved["run"]))
         say(f"resuming at epoch {st.epoch + 1}, step {st.step}")
-    evaluator = Evaluator(target, dev, EvalOptions(task=opts.task, normalizer=opts.normalizer), am=am) \
-        if dev is not None else None
+    dev_opts = EvalOptions(task=opts.task, normalizer=opts.normalizer, beams=opts.beams, language=opts.language)
+    evaluator = Evaluator(target, dev, dev_opts, am=am) if dev is not None else None
 
     def checkpoint() -> None:
+        if n_proc > 1:  # every process's share of the epoch's loss goes into the one saved state
+            mine = torch.tensor([st.loss_sum[rank], st.loss_count[rank]], dtype=torch.float64, device=acc.device)
+            every = acc.gather(mine).view(n_proc, 2).cpu()
+            st.loss_sum, st.loss_count = every[:, 0].tolist(), [int(n) for n in every[:, 1].tolist()]
         if acc.is_main_process:
-            _save_state(state_dir / "state.pt", model, optimizer, scheduler, st)
+            _save_state(work / "state.pt", model, optimizer, scheduler, st)
         acc.wait_for_everyone()
 
     def snapshot_lams() -> None:
         if bank is not None:
             st.trajectory.append({"step": st.step, "epoch": st.epoch, "lams": bank.values()})
 
+    def loss_of(batch: list[Clip]) -> torch.Tensor:
+        labels = task.labels(am, [c.item for c in batch]).to(model.device)
+        return wrapped(**am.inputs([c.audio for c in batch]), labels=labels).loss
+
+    stop = _StopRequests(say)
+
+    def stop_if_asked() -> None:
+        if stop.requested(acc):
+            checkpoint()
+            say(f"interrupted: the run is saved in {work}; continue with --resume (step {st.step})")
+            stop.hand_on()
+
     if bank is not None and not st.trajectory:
         snapshot_lams()
     model.train()
     stopped = False
-    try:
+    last_good: list[Clip] | None = None
+    say(f"training on {len(clips)} clips: {total_steps} optimizer steps")
+    with stop.installed():
         while st.epoch < opts.epochs and not stopped:
             order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(opts.seed + st.epoch)).tolist()
             epoch_batches = [[clips[k] for k in order[s:s + opts.batch_size]]
                              for s in range(0, len(order), opts.batch_size)]
-            losses: list[float] = []
             for g in range(st.batch_in_epoch, len(epoch_batches), n_proc):
                 batch = epoch_batches[(g + rank) % len(epoch_batches)]  # the last group wraps, as samplers pad
-                inputs = am.inputs([c.audio for c in batch])
-                if opts.task == "asr":
-                    labels = ctc_targets(am.tokenizer, [c.item.text or "" for c in batch], opts.normalizer)
-                else:
-                    labels = torch.tensor([label_ids[c.item.label or ""] for c in batch])
                 st.batch_in_epoch = min(g + n_proc, len(epoch_batches))
                 groups_done = -(-st.batch_in_epoch // n_proc)
                 steps_now = groups_done % opts.grad_accum == 0 or st.batch_in_epoch == len(epoch_batches)
                 with nullcontext() if steps_now else acc.no_sync(wrapped):  # all-reduce once per step
-                    loss = wrapped(**inputs, labels=labels.to(model.device)).loss
-                    if not torch.isfinite(loss):
-                        raise MamError(f"the loss became {float(loss)} at step {st.step}; lower --lr")
+                    loss = loss_of(batch)
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise _non_finite(value, st.step, batch, last_good, model, loss_of, opts.lr)
                     acc.backward(loss / opts.grad_accum)
-                losses.append(float(loss.detach()))
+                last_good = batch
+                st.loss_sum[rank] += value
+                st.loss_count[rank] += 1
                 if steps_now:
                     optimizer.step()
                     scheduler.step()
@@ -351,16 +557,18 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
                     snapshot_lams()
                     if st.step % 10 == 0:
                         lam_note = f", λ {bank.values()}" if bank is not None else ""
-                        say(f"epoch {st.epoch + 1}, step {st.step}/{total_steps}: loss {losses[-1]:.4f}{lam_note}")
+                        say(f"epoch {st.epoch + 1}, step {st.step}/{total_steps}: loss {value:.4f}{lam_note}")
                     if st.step % opts.checkpoint_every == 0:
                         checkpoint()
+                    stop_if_asked()
                     if opts.max_steps is not None and st.step >= opts.max_steps:
                         stopped = True
                         break
             if stopped and st.batch_in_epoch < len(epoch_batches):
                 break
-            mean_loss = acc.reduce(torch.tensor(sum(losses) / len(losses), device=acc.device), "mean") \
-                if losses else None  # every process has batches: the last group wraps round
+            # every process has batches (the last group wraps round): the mean of their means
+            mean_loss = acc.reduce(torch.tensor(st.loss_sum[rank] / st.loss_count[rank], device=acc.device),
+                                   "mean") if st.loss_count[rank] else None
             entry: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step,
                                      "train_loss": None if mean_loss is None else float(mean_loss)}
             if evaluator is not None and acc.is_main_process:
@@ -368,37 +576,38 @@ def _run(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Finetune
                 entry["dev_error"] = scores["error"]
                 if st.best is None or scores["error"] < st.best:
                     st.best = scores["error"]
-                    _save_best(state_dir, model, bank, plan, store)
+                    _save_best(work, model, bank, plan, store)
                 say(f"epoch {st.epoch + 1}: loss {entry['train_loss']:.4f}, dev error {scores['error']:.4f}")
             st.history.append(entry)
             st.epoch += 1
             st.batch_in_epoch = 0
+            st.loss_sum, st.loss_count = [0.0] * n_proc, [0] * n_proc
             checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        say(f"interrupted: state saved; continue with --resume (step {st.step})")
-        raise
+            stop_if_asked()
     checkpoint()
     status = "stopped" if stopped and st.epoch < opts.epochs else "done"
     if not acc.is_main_process:  # the main process writes the output and the report
         return {"command": "finetune", "status": status, "process": rank}
     if status == "stopped":
-        return {"command": "finetune", "status": status, "step": st.step, "epoch": st.epoch, "resume": str(out)}
-    if evaluator is None or not (state_dir / "best.pt").is_file():
-        _save_best(state_dir, model, bank, plan, store)
-    best = torch.load(state_dir / "best.pt", weights_only=True)
+        return {"command": "finetune", "status": status, "step": st.step, "epoch": st.epoch, "resume": str(out),
+                "state": str(work)}
+    if evaluator is None or not (work / "best.pt").is_file():
+        _save_best(work, model, bank, plan, store)
+    best = torch.load(work / "best.pt", weights_only=True)
     report = {
         "command": "finetune", "status": "done",
         "inputs": {"target": target.describe(), "source": source.describe() if source else None,
                    "train": train.describe(), "dev": dev.describe() if dev else None},
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
         "mode": "l-mam" if bank is not None else ("mam+finetune" if source is not None else "finetune"),
-        "epochs": st.history, "best_dev_error": st.best, "steps": st.step, "bad_clips": bad,
-        "versions": versions(), "wall_time_s": round(time.perf_counter() - started, 3),
+        "task": task.describe(), "epochs": st.history, "best_dev_error": st.best, "steps": st.step,
+        "bad_clips": bad, "versions": versions(), "wall_time_s": round(time.perf_counter() - started, 3),
         "peak_rss_mib": peak_rss_mib(),
     }
     lams = json.loads(best["lams_json"]) if best.get("lams_json") else None
-    _write_output(out, target, am, best["state"], report, lams, st.trajectory)
+    _write_output(out, replace, inputs, target, am, best["state"], report, lams, st.trajectory, command)
+    shutil.rmtree(work, ignore_errors=True)
+    report["output_dir"] = str(out)
     return report
 
 
@@ -418,21 +627,21 @@ def _accelerator(device: str) -> Any:
     return Accelerator(cpu=cpu, kwargs_handlers=handlers)
 
 
-def _save_best(state_dir: Path, model: nn.Module, bank: LamBank | None, plan: MergePlan | None,
+def _save_best(work: Path, model: nn.Module, bank: LamBank | None, plan: MergePlan | None,
                store: ModelStore) -> None:
     lams = None
     if bank is not None and plan is not None:
         lams = json.dumps({"lams": lam_table(bank, plan, store.arch().num_layers), "per_layer": bank.values()})
-    tmp = state_dir / "best.pt.tmp"
+    tmp = work / "best.pt.tmp"
     torch.save({"state": baked_state_dict(model), "lams_json": lams or ""}, tmp)
-    tmp.replace(state_dir / "best.pt")
+    tmp.replace(work / "best.pt")
 
 
-def _write_output(out: Path, target: Checkpoint, am: AudioModel, state: dict[str, torch.Tensor],
-                  report: dict[str, Any], lams: dict[str, Any] | None, trajectory: list[dict[str, Any]]) -> None:
-    """Atomically replace the run directory by the final, ordinary checkpoint."""
-    final = out.with_name(out.name + ".mam-final")
-    with atomic_output_dir(final, force=True) as tmp:
+def _write_output(out: Path, replace: bool, inputs: list[Path], target: Checkpoint, am: AudioModel,
+                  state: dict[str, torch.Tensor], report: dict[str, Any], lams: dict[str, Any] | None,
+                  trajectory: list[dict[str, Any]], command: str | None) -> None:
+    """The final, ordinary checkpoint, written beside ``out`` and renamed into place once complete."""
+    with atomic_output_dir(out, force=replace, inputs=inputs, lock=False) as tmp:
         if target.fmt == "beats":  # the official layout, and a safetensors copy
             from safetensors.torch import save_file
 
@@ -444,12 +653,14 @@ def _write_output(out: Path, target: Checkpoint, am: AudioModel, state: dict[str
         else:
             clean_model = type(am.model)(am.model.config)  # no parametrizations: an ordinary model
             clean_model.load_state_dict(state)
+            if clean_model.can_generate():  # Whisper: the checkpoint's decoding settings, not the defaults
+                clean_model.generation_config = copy.deepcopy(am.model.generation_config)
             clean_model.save_pretrained(tmp)
             am.features.save_pretrained(tmp)
             if am.tokenizer is not None:
                 am.tokenizer.save_pretrained(tmp)
         if lams is not None:
             write_json(tmp / "lams.json", {**lams, "trajectory": trajectory})
-        write_json(tmp / "mam_report.json", report)
-    shutil.rmtree(out)
-    final.rename(out)
+        write_card(tmp, report, command)
+        report["outputs"] = {"hashes": hash_tree(tmp)}  # what `mam verify` checks
+        write_json(tmp / REPORT_FILE, report)

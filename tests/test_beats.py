@@ -111,7 +111,7 @@ def test_evaluate_rank_and_finetune_accept_beats(tiny, mam, tmp_path):
     assert len(r.out.strip().splitlines()) == 3
     r = mam("finetune", tiny("beats", layers=2), "--data", ESC10, "--folds", "1", "--limit", "8", "--task", "aec",
             "--source", tiny("vit", layers=2), "--learnable-lam", "--lam-init", "0.1", "--epochs", "2",
-            "--batch-size", "4", "-o", tmp_path / "ft", "-q")
+            "--batch-size", "4", "-o", tmp_path / "ft", "-q", "--format", "json")
     assert r.code == 0, r.err
     report = json.loads(r.out)
     assert report["mode"] == "l-mam" and report["epochs"][-1]["train_loss"] > 0

@@ -1,20 +1,27 @@
-"""finetune / L-MAM: loss falls, λ moves inside [0, 1], source frozen, baked == parametrised, resume == straight run."""
+"""finetune / L-MAM: loss falls, λ moves inside [0, 1], source frozen, baked == parametrised, resume == straight run;
+--force never deletes what mam did not write; signals save the run; unusable clips are named."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
+import signal
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from conftest import ESC10_CLASSES, SHARED
 from helpers import load_dir
 from mamcli.checkpoint import resolve
 from mamcli.data import load_dataset, select
-from mamcli.finetune import FinetuneOptions, LamMerge, attach_learnable, baked_state_dict, finetune
+from mamcli.errors import Interrupted, MamError
+from mamcli.finetune import FinetuneOptions, LamMerge, attach_learnable, baked_state_dict, finetune, run_dir
 from mamcli.merge import MergeOptions
-from mamcli.models import InMemoryMerger, ModelStore, load_audio_model
+from mamcli.models import AudioModel, InMemoryMerger, ModelStore, load_audio_model
 
 FSDD = f"fsdd:{SHARED}/fsdd/recordings"
 ESC10 = f"folders:{SHARED}/esc10/ESC-10"
@@ -22,6 +29,12 @@ ESC10 = f"folders:{SHARED}/esc10/ESC-10"
 
 def _digits(n: int):
     return select(load_dataset(FSDD), limit=n)
+
+
+def _snapshot(folder):
+    """Every file under a folder with its bytes' hash: equal snapshots mean nothing was touched."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_loss_falls_and_lams_move_within_bounds(tiny, tmp_path):
@@ -45,7 +58,7 @@ def test_loss_falls_and_lams_move_within_bounds(tiny, tmp_path):
     import transformers
     assert load_dir(tmp_path / "out").keys() == load_dir(tgt).keys()  # no L-MAM leftovers
     transformers.HubertForCTC.from_pretrained(tmp_path / "out")
-    assert (tmp_path / "out" / "vocab.json").is_file() and not (tmp_path / "out" / ".mam-run").exists()
+    assert (tmp_path / "out" / "vocab.json").is_file() and not run_dir(tmp_path / "out").exists()
 
 
 def test_baked_checkpoint_equals_parametrised_model(tiny):
@@ -82,37 +95,92 @@ def test_resumed_run_matches_uninterrupted(tiny, tmp_path):
     base = dict(task="asr", lam_init=0.2, learnable_lam=True, epochs=2, lr=1e-3, batch_size=2,
                 checkpoint_every=1)
     with resolve(str(tgt)) as t, resolve(str(src)) as s:
-        finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "straight", s)
+        straight = finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "straight", s)
         stopped = finetune(t, _digits(6), None, FinetuneOptions(**base, max_steps=4), tmp_path / "resumed", s)
-        assert stopped["status"] == "stopped" and stopped["step"] == 4
-        with pytest.raises(Exception, match="--resume"):
+        assert stopped["status"] == "stopped" and stopped["step"] == 4  # mid-epoch 2 (3 batches an epoch)
+        assert not (tmp_path / "resumed").exists() and (run_dir(tmp_path / "resumed") / "state.pt").is_file()
+        with pytest.raises(MamError, match="--resume"):
             finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s)
-        finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s, resume=True)
+        with pytest.raises(MamError, match=r"other options .*\(lr\)"):  # a resume cannot change the recipe
+            finetune(t, _digits(6), None, FinetuneOptions(**{**base, "lr": 2e-3}), tmp_path / "resumed", s,
+                     resume=True)
+        resumed = finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s, resume=True)
     a, b = load_dir(tmp_path / "straight"), load_dir(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la = json.loads((tmp_path / "straight" / "lams.json").read_text())
     lb = json.loads((tmp_path / "resumed" / "lams.json").read_text())
     assert la["lams"] == lb["lams"] and la["trajectory"] == lb["trajectory"]
+    # the resumed epoch's loss covers its steps before the stop too, number for number
+    assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in straight["epochs"]]
+    assert resumed["epochs"] == straight["epochs"] and not run_dir(tmp_path / "resumed").exists()
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)  # what `mam`'s entry point installs for SIGTERM and SIGHUP
+
+
+@pytest.mark.parametrize("signum,raised", [(signal.SIGTERM, Interrupted), (signal.SIGINT, KeyboardInterrupt)])
+def test_signal_mid_step_saves_the_run_and_resume_equals_straight(signum, raised, tiny, tmp_path, monkeypatch):
+    """The signal arrives between the two micro-batches of a step: the step is finished, the run saved,
+    then the signal handed on; --resume ends number for number where the uninterrupted run ends."""
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    base = dict(task="asr", lam_init=0.2, learnable_lam=True, epochs=2, lr=1e-3, batch_size=2, grad_accum=2,
+                checkpoint_every=100)
+    with resolve(str(tgt)) as t, resolve(str(src)) as s:
+        straight = finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "straight", s)
+        calls = []
+        inputs = AudioModel.inputs
+
+        def signalling_inputs(self, audio):
+            calls.append(len(audio))
+            if len(calls) == 4:  # epoch 2, batch 1 of 3: the first micro-batch of step 3
+                signal.raise_signal(signum)
+            return inputs(self, audio)
+
+        monkeypatch.setattr(AudioModel, "inputs", signalling_inputs)
+        previous = {n: signal.signal(n, h) for n, h in ((signal.SIGTERM, _raise_interrupted),
+                                                        (signal.SIGINT, signal.default_int_handler))}
+        try:
+            with pytest.raises(raised):
+                finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "out", s)
+            assert signal.getsignal(signal.SIGTERM) is _raise_interrupted  # finetune's own handler is gone
+        finally:
+            for n, h in previous.items():
+                signal.signal(n, h)
+        assert len(calls) == 5  # the step's second micro-batch still ran, nothing after it
+        monkeypatch.setattr(AudioModel, "inputs", inputs)
+        saved = torch.load(run_dir(tmp_path / "out") / "state.pt", weights_only=True)
+        assert json.loads(saved["run"])["step"] == 3 and not (tmp_path / "out").exists()
+        resumed = finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "out", s, resume=True)
+    a, b = load_dir(tmp_path / "straight"), load_dir(tmp_path / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["epochs"] == straight["epochs"]
+    la = json.loads((tmp_path / "straight" / "lams.json").read_text())
+    assert la == json.loads((tmp_path / "out" / "lams.json").read_text())
 
 
 def test_lams_replay_with_merge(tiny, mam, tmp_path):
     src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
     r = mam("finetune", tgt, "--data", FSDD, "--limit", "4", "--source", src, "--learnable-lam", "--lam-init",
-            "0.2", "--epochs", "1", "--batch-size", "2", "--lr", "0", "--lam-lr", "0.5", "-o", tmp_path / "ft", "-q")
+            "0.2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-30", "--lam-lr", "0.5", "-o", tmp_path / "ft",
+            "-q")
     assert r.code == 0, r.err
-    # with lr 0 the target weights never move, so replaying the learned λ on the original target
-    # with `mam merge --lams` must give the baked checkpoint
+    # at lr 1e-30 the target weights cannot move in float32 (checked below), so replaying the learned λ on
+    # the original target with `mam merge --lams` must give the baked checkpoint, bit for bit
     assert mam("merge", src, tgt, "--lams", tmp_path / "ft" / "lams.json", "-o", tmp_path / "replay", "-q").code == 0
-    ft, replay = load_dir(tmp_path / "ft"), load_dir(tmp_path / "replay")
-    name = "hubert.encoder.layers.1.attention.v_proj.weight"
-    assert not torch.equal(ft[name], load_dir(tgt)[name])
-    assert torch.allclose(ft[name], replay[name], atol=1e-6)
+    ft, replay, original = load_dir(tmp_path / "ft"), load_dir(tmp_path / "replay"), load_dir(tgt)
+    merged = [k for k in original if "attention." in k and k.endswith(("q_proj.weight", "k_proj.weight",
+                                                                         "v_proj.weight"))]
+    assert len(merged) == 6 and all(not torch.equal(ft[k], original[k]) for k in merged)
+    assert all(torch.equal(ft[k], replay[k]) for k in merged)
+    assert all(torch.equal(ft[k], original[k]) for k in original if k not in merged)
+    assert mam("verify", tmp_path / "ft").code == 0 and (tmp_path / "ft" / "README.md").is_file()
 
 
 def test_audio_events_new_head_few_steps(tiny, mam, tmp_path):
     src, tgt = tiny("vit", layers=2), tiny("ast", layers=2)
     r = mam("finetune", tgt, "--data", ESC10, "--folds", "1", "--limit", "10", "--task", "aec", "--source", src,
-            "--lam-init", "0.1", "--epochs", "1", "--batch-size", "4", "-o", tmp_path / "ft", "-q")
+            "--lam-init", "0.1", "--epochs", "1", "--batch-size", "4", "-o", tmp_path / "ft", "-q", "--format", "json")
     assert r.code == 0, r.err
     report = json.loads(r.out)
     assert report["mode"] == "mam+finetune" and report["epochs"][0]["train_loss"] > 0
@@ -121,13 +189,105 @@ def test_audio_events_new_head_few_steps(tiny, mam, tmp_path):
     assert sorted(cfg["id2label"].values()) == labels
 
 
-@pytest.mark.parametrize("args,needle", [(["--learnable-lam"], "needs --source"), (["--epochs", "0"], "--epochs"),
-                                         (["--task", "tts"], "--task")])
+@pytest.mark.parametrize("args,needle", [(["--learnable-lam"], "--learnable-lam needs --source"),
+                                         (["--lam-init", "0.1"], "--lam-init needs --source")])
 def test_finetune_errors(args, needle, tiny, mam, tmp_path):
     r = mam("finetune", tiny("hubert-ctc", layers=2), "--data", FSDD, "--limit", "4", "-o", tmp_path / "o", "-q",
             *args)
     assert r.code == 1 and needle in r.err and r.err.count("\n") == 1, r.err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not run_dir(tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field,value", [("lr", 0.0), ("lr", -1e-3), ("lr", math.nan), ("lr", math.inf),
+                                         ("lam_lr", 0.0), ("epochs", 0), ("batch_size", 0), ("grad_accum", 0),
+                                         ("max_steps", 0), ("checkpoint_every", 0), ("warmup", -1),
+                                         ("lam_init", 1.5), ("task", "tts")])
+def test_options_out_of_range_are_one_line(field, value):
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(MamError, match=flag):
+        FinetuneOptions(**{field: value})
+
+
+@pytest.mark.parametrize("case", ["the target", "the cwd", "a folder mam did not write", "an input's ancestor"])
+def test_force_never_replaces_what_mam_did_not_write(case, tiny, mam, tmp_path, monkeypatch):
+    model = tmp_path / "anc" / "model"
+    shutil.copytree(tiny("hubert-ctc", layers=2), model)
+    (model / "mam_report.json").write_text("{}")  # even an earlier mam output is never replaced while an input
+    (tmp_path / "anc" / "mam_report.json").write_text("{}")
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "mam_report.json").write_text("{}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    out = {"the target": model, "the cwd": tmp_path / "cwd", "a folder mam did not write": tmp_path / "mine",
+           "an input's ancestor": tmp_path / "anc"}[case]
+    monkeypatch.chdir(tmp_path / "cwd")
+    before = _snapshot(tmp_path)
+    r = mam("finetune", model, "--data", FSDD, "--limit", "4", "-o", out, "--force", "-q")
+    assert r.code == 1 and r.err.count("\n") == 1 and "refusing" in r.err, r.err
+    assert _snapshot(tmp_path) == before and not run_dir(out).exists()
+
+
+def test_forced_run_that_fails_midway_keeps_the_old_output(tiny, tmp_path, monkeypatch):
+    tgt = tiny("hubert-ctc", layers=2)
+    opts = FinetuneOptions(task="asr", epochs=2, lr=1e-3, batch_size=2, checkpoint_every=1)
+    out = tmp_path / "ft"
+    with resolve(str(tgt)) as t:
+        finetune(t, _digits(4), None, FinetuneOptions(task="asr", lr=1e-3, batch_size=2), out)
+        before = _snapshot(out)
+        calls = []
+        inputs = AudioModel.inputs
+
+        def failing_inputs(self, audio):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("disk on fire")
+            return inputs(self, audio)
+
+        monkeypatch.setattr(AudioModel, "inputs", failing_inputs)
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            finetune(t, _digits(4), None, opts, out, force=True)
+        assert _snapshot(out) == before  # the old output stays whole while the new run is unfinished
+        monkeypatch.setattr(AudioModel, "inputs", inputs)
+        report = finetune(t, _digits(4), None, opts, out, resume=True)
+    assert len(report["epochs"]) == 2 and json.loads((out / "mam_report.json").read_text())["steps"] == 4
+    assert not run_dir(out).exists() and not list(tmp_path.glob(".ft.*"))
+
+
+def _manifest(tmp_path, rows):
+    path = tmp_path / "manifest.csv"
+    path.write_text("id,path,text\n" + "".join(f"{i},{p},{t}\n" for i, p, t in rows))
+    return load_dataset(str(path))
+
+
+def _clip_rows(tmp_path):
+    digits = sorted((SHARED / "fsdd" / "recordings").glob("*_george_*.flac"))[:3]
+    sf.write(tmp_path / "blip.wav", np.zeros(160, dtype=np.float32), 16000)  # 10 ms: no output frame
+    return [(p.stem, p, "one") for p in digits] + [("blip", tmp_path / "blip.wav", "one"),
+                                                   ("chatty", digits[0], "seven hundred and seventy seven " * 4)]
+
+
+def test_clips_the_model_cannot_learn_from_are_named_and_skipped(tiny, tmp_path):
+    with resolve(str(tiny("hubert-ctc", layers=2))) as t:
+        report = finetune(t, _manifest(tmp_path, _clip_rows(tmp_path)), None,
+                          FinetuneOptions(task="asr", lr=1e-3, batch_size=2), tmp_path / "ft")
+    bad = {b["id"]: b["error"] for b in report["bad_clips"]}
+    assert bad.keys() == {"blip", "chatty"} and report["steps"] == 2, bad  # 3 clips left: 2 batches
+    assert "too short" in bad["blip"] and "CTC frames" in bad["chatty"], bad
+
+
+def test_non_finite_loss_names_the_clip_not_the_learning_rate(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("mamcli.finetune._unlearnable", lambda am, clip: None)  # let the unlearnable clip in
+    rows = [r for r in _clip_rows(tmp_path) if r[0] != "blip"]
+    with resolve(str(tiny("hubert-ctc", layers=2))) as t, pytest.raises(MamError) as e:
+        finetune(t, _manifest(tmp_path, rows), None, FinetuneOptions(task="asr", lr=1e-3, batch_size=2),
+                 tmp_path / "ft")
+    assert "chatty" in str(e.value) and "--lr" not in str(e.value), e.value
+
+
+def test_diverged_weights_advise_a_lower_learning_rate(tiny, tmp_path):
+    with resolve(str(tiny("hubert-ctc", layers=2))) as t, pytest.raises(MamError, match="diverged; lower --lr"):
+        finetune(t, _digits(8), None, FinetuneOptions(task="asr", lr=1e30, epochs=3, batch_size=2), tmp_path / "ft")
+    assert not (tmp_path / "ft").exists() and not run_dir(tmp_path / "ft").exists()
 
 
 def _deterministic_copy(model_dir, dest):
@@ -154,7 +314,8 @@ def test_two_processes_equal_one_with_their_batches_accumulated(tiny, mam, tmp_p
     src = tiny("bert", layers=2)
     tgt = _deterministic_copy(tiny("hubert-ctc", layers=2), tmp_path / "tgt")
     args = ["finetune", tgt, "--data", FSDD, "--limit", "20", "--source", src, "--learnable-lam",
-            "--lam-init", "0.2", "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--lam-lr", "0.1"]
+            "--lam-init", "0.2", "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--lam-lr", "0.1",
+            "--format", "json"]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "mamcli.cli", *map(str, args), "--grad-accum", "2", "-o", str(tmp_path / "two")],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
