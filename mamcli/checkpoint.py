@@ -165,6 +165,14 @@ class Checkpoint:
     extras: dict[str, Any] = field(default_factory=dict)  # other top-level entries of a .pt (BEATs label_dict)
     _arch: Arch | None = field(default=None, repr=False)
 
+    @property
+    def name(self) -> str:
+        """The model as people call it (a hub id, or the folder's name), for tables and plots; not a path."""
+        if self.hub_id:
+            return self.hub_id
+        path = Path(self.spec).expanduser().absolute()
+        return path.name if path.is_dir() else path.stem
+
     # ---- reading -------------------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self.infos)

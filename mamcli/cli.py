@@ -448,6 +448,7 @@ def rank_cmd(
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
     device: DeviceOpt = "auto",
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Rank layers by how alike the source's text and the target's speech representations are."""
@@ -455,6 +456,7 @@ def rank_cmd(
     from mamcli.rank import RankOptions, rank_layers, ranking_rows
     from mamcli.report import dumps, write_json
 
+    _logging(verbose, quiet)
     opts = RankOptions(metric=metric.value, top_k=top_k, n_projections=n_projections, seed=seed,
                        batch_size=batch_size, layer_map=layer_map, strict=strict, device=device)
     opts.metrics()
@@ -521,6 +523,10 @@ def evaluate_cmd(
     label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
     = None,
     batch_size: BatchOpt = None,
+    baseline: Annotated[str, typer.Option("--baseline", help="The row the paired statistics compare with: "
+                                          "target (λ = 0) or LAYERS|λ|COLUMN of a sweep point.")] = "target",
+    resamples: Annotated[int, typer.Option("--resamples", min=1, help="Paired bootstrap resamples of the 95 % "
+                                           "interval.")] = 1000,
     cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, callback=_finite,
                                             help="Memory for replaying unmerged layers in a sweep "
                                             "(about 2 GB per hour of audio); batches beyond it run in full.")] = 4.0,
@@ -529,6 +535,7 @@ def evaluate_cmd(
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
     device: DeviceOpt = "auto",
+    verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Word error rate (CTC ASR) or classification error (audio events), optionally over a merge sweep."""
@@ -539,11 +546,13 @@ def evaluate_cmd(
     from mamcli.report import write_json
 
     started = time.perf_counter()
+    _logging(verbose, quiet)
     opts = EvalOptions(task=task.value, normalizer=normalizer.value, batch_size=batch_size, strict=strict,
                        label_map=label_map, device=device, cache_gb=cache_gb, beams=beams, language=language)
     sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
                       noises=[n.strip() for n in noise.split(",")] if noise else [], with_source=not noise_only,
-                      seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map)
+                      seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map, baseline=baseline,
+                      resamples=resamples)
     families = _families(arch_map)
     if pick_on_dev and split != Split.all:
         raise MamError("--pick-on-dev makes its own dev/test split; leave --split out")
@@ -566,9 +575,9 @@ def evaluate_cmd(
                 note(f"best on dev: {_point_name(best)}; evaluating it on test")
             test_ds = corpus.part("test")
             test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick)  # model loaded
-            one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None,
+            one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None, baseline="target",
                           noises=[best["noise"]] if best.get("noise") else [],
-                          with_source=best["column"] == (src.spec if src else None))
+                          with_source=best["column"] == (src.name if src else None))
             test = sweep(test_ev, src if best["lam"] > 0 else None, one, families, progress=note)
             bad_clips += test_ev.bad
             result = {"dev": result, "best_on_dev": best, "test": test}

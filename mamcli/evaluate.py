@@ -23,6 +23,7 @@ from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Family
 from mamcli.layers import layers_spec, parse_layers
 from mamcli.merge import NOISE_KINDS, MergeOptions, TensorStore
+from mamcli.metrics import normaliser
 from mamcli.models import (
     AudioModel,
     InMemoryMerger,
@@ -33,6 +34,7 @@ from mamcli.models import (
     stored_dtype,
 )
 from mamcli.report import peak_rss_mib, versions
+from mamcli.stats import COLUMNS, add_paired_columns
 from mamcli.tasks import Task, TaskOptions, make
 
 
@@ -64,6 +66,8 @@ class SweepOptions:
     parts: tuple[str, ...] = ("q", "k", "v")
     bias: bool = False
     layer_map: str | None = None
+    baseline: str = "target"  # the details key paired statistics compare with (λ = 0)
+    resamples: int = 1000  # paired bootstrap resamples
 
     def layer_sets(self, num_layers: int) -> list[tuple[str, list[int]]]:
         """(label, layers) per block: ``--blocks N`` cuts the depth into consecutive blocks of N."""
@@ -192,7 +196,7 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
         raise MamError("a sweep with λ > 0 needs --source (or --noise-only with --noise target|normal)")
     if source is None and "source" in opts.noises:
         raise MamError("--noise source takes its statistics from --source; give one")
-    columns: list[tuple[str, str | None]] = ([(source.spec, None)] if source and opts.with_source else [])
+    columns: list[tuple[str, str | None]] = ([(source.name, None)] if source and opts.with_source else [])
     columns += [(f"noise:{n}", n) for n in opts.noises]
     points = [(label, layers, lam, col, noise) for label, layers in sets for lam in lams for col, noise in columns]
     donor: TensorStore = source if source is not None else ev.store  # target/normal noise only need shapes
@@ -220,7 +224,12 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
         details[key] = scores
         results.append({"layers": label, "lam": lam, "column": col, "noise": noise,
                         "seconds": round(ev.seconds - before, 3), **_summary(scores)})
+    norm = normaliser(getattr(ev.task, "normalizer", "basic"), getattr(ev.task, "spelling", None))
+    add_paired_columns(results, details, opts.baseline, norm, opts.resamples, opts.seed)
     return {"baseline": _summary(base), "points": results, "details": details,
+            "paired_statistics": {"baseline": opts.baseline, "resamples": opts.resamples, "seed": opts.seed,
+                                  "method": "paired bootstrap over utterances (clips), 95 % percentile interval of "
+                                            "the error difference to the baseline (Bisani & Ney 2004)"},
             "table": paper_table(results, [c for c, _ in columns]) if columns else
             [{"layers": "-", "lam": 0.0, **_summary(base)}], "first_merged_layer": first,
             "timing": {"baseline_s": round(base_t, 3), "total_s": round(ev.seconds, 3)},
@@ -228,19 +237,22 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
 
 
 def paper_table(points: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
-    """One row per (layers, λ), one error column per source/noise, plus relative error reduction vs λ = 0."""
+    """One row per (layers, λ); per source/noise column its error, the relative error reduction vs λ = 0, and
+    the paired difference to the baseline with its 95 % interval and the clips that got better / worse."""
     base = next(p["error"] for p in points if p["column"] == "target")
     rows: list[dict[str, Any]] = [{"layers": "-", "lam": 0.0, **dict.fromkeys(columns, base)}]
-    index: dict[tuple[str, float], dict[str, Any]] = {}
+    found: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
     for p in points:
-        if p["column"] == "target":
-            continue
-        row = index.setdefault((p["layers"], p["lam"]), {"layers": p["layers"], "lam": p["lam"]})
-        row[p["column"]] = p["error"]
-    for row in index.values():
+        if p["column"] != "target":
+            found.setdefault((p["layers"], p["lam"]), {})[p["column"]] = p
+    for (layers, lam), by_column in found.items():
+        row: dict[str, Any] = {"layers": layers, "lam": lam}
         for c in columns:
-            if c in row:
-                row[f"{c} rel.red."] = (base - row[c]) / base if base else 0.0
+            if c in by_column:
+                p = by_column[c]
+                row[c] = p["error"]
+                row[f"{c} rel.red."] = (base - p["error"]) / base if base else 0.0
+                row.update({f"{c} {k}": p[k] for k in COLUMNS if k in p})
         rows.append(row)
     return rows
 

@@ -31,10 +31,9 @@ MEMORY = Path("<memory>")
 
 
 def _transformers() -> Any:
+    """transformers, imported late (it is slow to import); its logging is the CLI's -v/-q (cli._logging)."""
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # mam draws its own progress on stderr
     return transformers
 
 

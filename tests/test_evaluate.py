@@ -44,8 +44,12 @@ def test_sweep_point_equals_merged_checkpoint(tiny, mam, tmp_path):
     assert r.code == 0, r.err
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert sweep["first_merged_layer"] == 2
-    assert r.out.splitlines()[0] == f"split,layers,lam,{src},noise:normal,{src} rel.red.,noise:normal rel.red."
-    for column, extra in ((str(src), []), ("noise:normal", ["--noise", "normal"])):
+    stats = ("rel.red.", "delta", "delta_lo", "delta_hi", "better", "worse", "same")
+    name = src.name  # columns name models as people do, not by path
+    assert r.out.splitlines()[0] == ",".join(["split", "layers", "lam", name, "noise:normal",
+                                              *(f"{name} {k}" for k in stats),
+                                              *(f"noise:normal {k}" for k in stats)])
+    for column, extra in ((src.name, []), ("noise:normal", ["--noise", "normal"])):
         out = tmp_path / column.replace("/", "_").replace(":", "_")
         assert mam("merge", src, tgt, "--lam", "0.3", "--layers", "2-3", *extra, "-o", out, "-q").code == 0
         r = mam("evaluate", out, "--data", LJ, "--limit", "5", "-o", tmp_path / "one.json")
@@ -88,9 +92,9 @@ def test_blocks_and_table(tiny, mam, tmp_path):
     rows = json.loads(r.out)
     assert [(x["layers"], x["lam"]) for x in rows] == [("-", 0.0), ("0-1", 0.2), ("0-1", 0.4), ("2-3", 0.2),
                                                        ("2-3", 0.4)]
-    base = rows[0][str(src)]
+    base = rows[0][src.name]
     for x in rows[1:]:
-        assert x[f"{src} rel.red."] == pytest.approx((base - x[str(src)]) / base)
+        assert x[f"{src.name} rel.red."] == pytest.approx((base - x[src.name]) / base)
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 

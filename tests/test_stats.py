@@ -175,7 +175,7 @@ def test_columns_on_a_real_sweep(tiny, mam, tmp_path):
     result = json.loads((tmp_path / "e.json").read_text())
     points, details = result["points"], result["details"]
     # the random model gets every word wrong at every λ: make λ = 0.5 right on the first clip
-    half = details[f"all|0.5|{src}"]["utterances"]
+    half = details[f"all|0.5|{src.name}"]["utterances"]
     half[0]["hypothesis"] = half[0]["reference"]
     next(p for p in points if p["lam"] == 0.5)["error"] = asr_scores([u["reference"] for u in half],
                                                                      [u["hypothesis"] for u in half])["wer"]
@@ -192,7 +192,7 @@ def test_columns_on_a_real_sweep(tiny, mam, tmp_path):
                                   200, 2)
         assert {k: p[k] for k in stats.COLUMNS} == {k: direct[k] for k in stats.COLUMNS}
     assert next(p for p in points if p["lam"] == 0.5)["better"] == 1
-    other = f"all|1.0|{src}"
+    other = f"all|1.0|{src.name}"
     add_paired_columns(points, details, baseline=other, resamples=50)
     assert next(p for p in points if p["lam"] == 1.0)["delta"] == 0.0
     with pytest.raises(MamError, match="unknown baseline"):

@@ -115,7 +115,7 @@ def pair(real, tmp_path_factory):
 
 
 def _point(result, m, lam) -> dict:
-    return result["details"][f"{LAYERS}|{lam}|{m}"]
+    return result["details"][f"{LAYERS}|{lam}|{m.name}"]
 
 
 def test_merge_in_memory_equals_a_hand_written_interpolation(pair):
