@@ -575,21 +575,44 @@ def evaluate_cmd(
                 note(f"best on dev: {_point_name(best)}; evaluating it on test")
             test_ds = corpus.part("test")
             test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick)  # model loaded
-            one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None, baseline="target",
-                          noises=[best["noise"]] if best.get("noise") else [],
-                          with_source=best["column"] == (src.name if src else None))
-            test = sweep(test_ev, src if best["lam"] > 0 else None, one, families, progress=note)
+            if best["lam"] > 0:  # the chosen point only
+                one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None, baseline="target",
+                              noises=[best["noise"]] if best.get("noise") else [],
+                              with_source=best["column"] == (src.name if src else None))
+            else:  # λ = 0 won: the target alone, in the dev table's columns (one schema for spreadsheets)
+                one = replace(sw, lams=[0.0], blocks=None, baseline="target")
+            test = sweep(test_ev, src, one, families, progress=note)
             bad_clips += test_ev.bad
             result = {"dev": result, "best_on_dev": best, "test": test}
             rows += [{"split": "test", **r} for r in test["table"]]
         report = evaluate_report(tgt, ds, ev, result, started, src)
     for b in bad_clips:
         _note(f"skipped clip {b['id']}: {b['error']}")
-    _out(render(rows, fmt, title="error by λ (rel.red. = relative error reduction vs λ = 0)"))
+    title = "error by λ (rel.red.: relative error reduction; Δ: paired difference to λ = 0, 95 % interval)"
+    _out(render(rows if fmt != Format.table else _for_people(rows), fmt, title=title))
     if out is not None:  # after the results: a full disk or a vanished folder loses no result
         write_json(out, report)
     if plot is not None:
         _plot_sweep(result["dev"] if pick_on_dev else result, plot)
+
+
+def _for_people(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table on a terminal: a column's Δ and its interval in one cell, clips better/worse in another
+    (CSV, TSV and JSON keep every number apart, for spreadsheets)."""
+    out = []
+    for row in rows:
+        new: dict[str, Any] = {}
+        for k, v in row.items():
+            column, _, stat = k.rpartition(" ")
+            if stat == "delta":
+                lo, hi = row[f"{column} delta_lo"], row[f"{column} delta_hi"]
+                new[f"{column} Δ [95% CI]"] = f"{v:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            elif stat == "better":
+                new[f"{column} better/worse"] = f"{v}/{row[f'{column} worse']}"
+            elif stat not in ("delta_lo", "delta_hi", "worse", "same") or not column:
+                new[k] = v
+        out.append(new)
+    return out
 
 
 def _point_name(p: dict[str, Any]) -> str:

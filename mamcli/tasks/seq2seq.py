@@ -9,6 +9,8 @@ and an unbounded one would run to the model's 448-token limit on every clip.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +39,21 @@ def _language_token(language: str, lang_to_id: dict[str, int], spec: str) -> str
         known = ", ".join(t.strip("<|>") for t in list(lang_to_id)[:8])
         raise MamError(f"--language {language}: not a language of {spec} (it knows {known}, …)")
     return token
+
+
+@contextmanager
+def _generation_quiet() -> Iterator[None]:
+    """generate() warns on every batch about choices mam makes on purpose (max_new_tokens beside the config's
+    max_length, no attention mask for Whisper's fixed 30 s input): silent unless -v asked for info."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    if level > logging.INFO:  # unless -v (or TRANSFORMERS_VERBOSITY=info/debug) asked to see everything
+        logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 class Seq2Seq(SpeechRecognition):
@@ -96,7 +113,8 @@ class Seq2Seq(SpeechRecognition):
             kwargs["task"] = "transcribe"
             if self.language_token:
                 kwargs["language"] = self.language_token
-        out = am.model.generate(**inputs, **kwargs)
+        with _generation_quiet():
+            out = am.model.generate(**inputs, **kwargs)
         seqs = out if isinstance(out, torch.Tensor) else out["sequences"]
         texts = [t.strip() for t in am.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
         # a clip that ended with end-of-text has fewer than `bound` text tokens (the bound counts the end token)
