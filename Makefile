@@ -16,7 +16,7 @@ SOURCE ?= $(MODELS)/all-MiniLM-L6-v2
 TARGET ?= $(SHARED)/models/whisper-tiny.en
 IMAGE_SOURCE ?= $(MODELS)/dinov2-vits14
 
-.PHONY: install models test lint demo bench clean
+.PHONY: install models test lint demo results bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ test: lint models
 
 demo: install models
 	bash docs/demo.sh $(DEMO) $(MAM) $(SOURCE) $(TARGET)
+
+# the paper's experiments on the real pairs, as published in docs/results.md (about an hour on 2 cores)
+results: install models
+	bash benchmarks/results.sh
+	$(PY) benchmarks/results_md.py
 
 bench: install models
 	$(PY) benchmarks/merge_bench.py

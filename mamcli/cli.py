@@ -592,6 +592,11 @@ def evaluate_cmd(
     _out(render(rows if fmt != Format.table else _for_people(rows), fmt, title=title))
     if out is not None:  # after the results: a full disk or a vanished folder loses no result
         write_json(out, report)
+        from mamcli.card import CARD_FILE, EVAL_FILE, add_evaluation
+
+        # `-o OUT/mam_eval.json` of a mam output: its model card shows the measured table too
+        if out.resolve() == (tgt.root / EVAL_FILE).resolve() and (tgt.root / CARD_FILE).is_file():
+            add_evaluation(tgt.root, report)
     if plot is not None:
         _plot_sweep(result["dev"] if pick_on_dev else result, plot)
 
