@@ -7,10 +7,13 @@ Generates (never commits) a BERT-large-shaped and a HuBERT-large-shaped random c
   mam_cold: mamcli.merge.merge_to_dir (λ = 0.1 on all 24 layers' Q/K/V), hashing every input byte;
   mam:   the same merge again (a sweep's case): input hashes come from mam's hash cache;
   naive: from_pretrained both models, edit the state dict, save_pretrained.
+With --real the pair is the real one instead: all-MiniLM-L6-v2 (make models) into whisper-tiny.en
+(../shared/models, fp16, 75 MB), λ = 0.1 with the stride layer map (6 text layers onto 4 encoder
+layers); results: benchmarks/results/merge_bench_real.json.
 Each method runs in its own fresh process, after os.sync() so that none pays for the disk
 writeback another left behind; the time is measured inside it (imports excluded) and peak RSS is
 that process's own (os.wait4). Results: benchmarks/results/merge_bench.json.
-Usage: python benchmarks/merge_bench.py [--repeats N] [--small]
+Usage: python benchmarks/merge_bench.py [--repeats N] [--small | --real]
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ RUN = r"""
 import json, resource, shutil, sys, time
 from pathlib import Path
 method, src, tgt, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+real = sys.argv[5] == "1"  # MiniLM -> whisper-tiny.en, 6 text layers spread over 4 (stride: 0, 1, 3, 4)
 if method.startswith("floor"):
     import os
     out.mkdir()
@@ -65,19 +69,28 @@ elif method.startswith("mam"):
     from mamcli.merge import MergeOptions, merge_to_dir
     t0 = time.perf_counter()
     with resolve(str(src)) as s, resolve(str(tgt)) as t:
-        merge_to_dir(s, t, MergeOptions(lam=0.1), out)
+        merge_to_dir(s, t, MergeOptions(lam=0.1, layer_map="stride" if real else None), out)
 else:
     import torch, transformers
     t0 = time.perf_counter()
-    source = transformers.BertForMaskedLM.from_pretrained(src)
-    target = transformers.HubertForCTC.from_pretrained(tgt)
+    if real:
+        source = transformers.BertModel.from_pretrained(src)
+        target = transformers.WhisperForConditionalGeneration.from_pretrained(tgt, dtype=torch.float16)
+        src_name, tgt_name, layer_map = "encoder.layer.{j}.attention.self.{a}.weight", \
+            "model.encoder.layers.{i}.self_attn.{b}.weight", [0, 1, 3, 4]
+    else:
+        source = transformers.BertForMaskedLM.from_pretrained(src)
+        target = transformers.HubertForCTC.from_pretrained(tgt)
+        src_name, tgt_name = "bert.encoder.layer.{j}.attention.self.{a}.weight", \
+            "hubert.encoder.layers.{i}.attention.{b}.weight"
+        layer_map = list(range(target.config.num_hidden_layers))
     s, t = source.state_dict(), target.state_dict()
     names = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
     with torch.no_grad():
-        for i in range(target.config.num_hidden_layers):
+        for i, j in enumerate(layer_map):
             for a, b in names.items():
-                w = t[f"hubert.encoder.layers.{i}.attention.{b}.weight"]
-                w.copy_(0.1 * s[f"bert.encoder.layer.{i}.attention.self.{a}.weight"] + 0.9 * w)
+                w = t[tgt_name.format(i=i, b=b)]
+                w.copy_(0.1 * s[src_name.format(j=j, a=a)] + 0.9 * w)
     target.save_pretrained(out)
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds}))
@@ -98,10 +111,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="a 256-wide, 6-layer pair for a quick check")
+    ap.add_argument("--real", action="store_true", help="all-MiniLM-L6-v2 into whisper-tiny.en")
     args = ap.parse_args()
-    tag = "small" if args.small else "large"
+    tag = "real" if args.real else "small" if args.small else "large"
     src, tgt = WORK / f"bert-{tag}", WORK / f"hubert-{tag}"
-    for kind, path in (("bert", src), ("hubert", tgt)):
+    if args.real:
+        src, tgt = HERE.parent / ".cache/models/all-MiniLM-L6-v2", HERE.parents[1] / "shared/models/whisper-tiny.en"
+    WORK.mkdir(parents=True, exist_ok=True)
+    for kind, path in (("bert", src), ("hubert", tgt)) if not args.real else ():
         if not (path / "model.safetensors").is_file():
             print(f"generating {path} …", file=sys.stderr)
             _run(MAKE, kind, str(path), "1" if args.small else "0")
@@ -112,7 +129,7 @@ def main() -> None:
             out = WORK / f"out-{method}"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # no method pays for the writeback another one left behind
-            res, rss = _run(RUN, method, str(src), str(tgt), str(out))
+            res, rss = _run(RUN, method, str(src), str(tgt), str(out), "1" if args.real else "0")
             results[method]["seconds"].append(round(res["seconds"], 3))
             results[method]["peak_rss_mib"].append(round(rss, 1))
             shutil.rmtree(out, ignore_errors=True)
@@ -131,7 +148,7 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "median": med, "runs": results,
               **summary}
     (HERE / "results").mkdir(exist_ok=True)
-    out_file = HERE / "results" / f"merge_bench{'_small' if args.small else ''}.json"
+    out_file = HERE / "results" / f"merge_bench{'' if tag == 'large' else '_' + tag}.json"
     out_file.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
