@@ -109,6 +109,18 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
+def _size(value: str | None) -> str | None:
+    """A size like 2GB, checked where it is parsed (a usage error, exit 2)."""
+    from mamcli.writer import parse_size
+
+    if value is not None:
+        try:
+            parse_size(value)
+        except MamError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
 def _positive(value: float | None) -> float | None:
     if _finite(value) is not None and value <= 0:  # type: ignore[operator]
         raise typer.BadParameter(f"must be greater than 0, not {value}")
@@ -236,7 +248,8 @@ def merge_cmd(
                                                 "source or target tensors, or N(0,1).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the noise.")] = 0,
     layer_map: LayerMapOpt = None,
-    shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard past this size, e.g. 2GB.")] = None,
+    shard_size: Annotated[str | None, typer.Option("--shard-size", callback=_size,
+                                                   help="Shard past this size, e.g. 2GB.")] = None,
     out_dtype: Annotated[OutDtype | None, typer.Option("--out-dtype", help="Output dtype (default: target's).")]
     = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier mam output (never anything else).")]

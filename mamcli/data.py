@@ -740,6 +740,11 @@ def select(ds: Dataset, split: str = "all", dev_fraction: float = 0.1, seed: int
     if folds:
         if all(i.fold is None for i in items):
             raise MamError(f"dataset {ds.spec!r} has no folds")
+        have = sorted({i.fold for i in items if i.fold is not None})
+        missing = [f for f in folds if f not in have]
+        if missing:
+            raise MamError(f"fold {missing[0]} does not exist in {ds.spec!r} (it has folds "
+                           f"{', '.join(map(str, have))})")
         items = [i for i in items if i.fold in folds]
     if split != "all":
         items = [i for i in items if (_unit(seed, i.id) < dev_fraction) == (split == "dev")]

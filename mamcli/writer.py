@@ -51,7 +51,7 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         raise MamError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB") from None
-    if unit not in units or value <= 0:
+    if unit not in units or not 0 < value * units[unit] < 2**63:  # also NaN and inf
         raise MamError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB")
     return int(value * units[unit])
 

@@ -162,6 +162,9 @@ USAGE_CASES = [
     (["merge", "s", "t", "--lam", "0.1", "--noise", "pink", "-o", "o"], "--noise"),
     (["merge", "s", "t", "--lam", "0.1", "--out-dtype", "fp8", "-o", "o"], "--out-dtype"),
     (["map", "s", "t", "--format", "xml"], "--format"),
+    (["merge", "s", "t", "--lam", "0.1", "--shard-size", "nan", "-o", "o"], "--shard-size"),
+    (["merge", "s", "t", "--lam", "0.1", "--shard-size", "1e400", "-o", "o"], "--shard-size"),
+    (["merge", "s", "t", "--lam", "0.1", "--shard-size", "0MB", "-o", "o"], "--shard-size"),
     (["families", "--format", "xml"], "--format"),
     (["rank-layers", "s", "t", "--data", LJ_DATA, "--n-projections", "0"], "--n-projections"),
     (["rank-layers", "s", "t", "--data", LJ_DATA, "--top-k", "0"], "--top-k"),
@@ -211,3 +214,10 @@ def test_non_finite_weights_are_refused_by_name(side, pair, mam, tmp_path):
     r = mam("merge", *args, "--lam", "0.1", "-o", tmp_path / "o")
     _assert_clean_failure(r, tmp_path / "o", f"tensor {name} holds 1 NaN/Inf value(s)")
     assert torch.isfinite(weights[name]).sum() == weights[name].numel() - 1
+
+
+def test_a_fold_that_does_not_exist(tiny, mam, tmp_path):
+    r = mam("evaluate", tiny("ast", layers=2), "--data", "folders:../shared/data/esc10/ESC-10", "--folds", "9")
+    lines = r.err.strip().splitlines()
+    assert r.code == 1 and len(lines) == 1
+    assert "fold 9 does not exist" in lines[0] and "it has folds 1, 2, 3, 4, 5" in lines[0], r.err
