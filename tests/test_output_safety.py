@@ -236,3 +236,20 @@ def test_disk_full_during_a_merge_is_one_line_and_leaves_nothing(pair, mam, tmp_
     assert r.code == 1, r.err
     _one_line(r.err, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_runs_started_together_on_one_output(tiny, mam, tmp_path):
+    """Two real processes, one -o: one complete output and one clear refusal, never a rename error."""
+    src, tgt = tiny("bert", hidden=384, layers=8, heads=6), tiny("hubert-ctc", hidden=384, layers=8, heads=6)
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "mamcli.cli", "merge", str(src), str(tgt), "-o", str(out), "-q"]
+    procs = [subprocess.Popen([*args, "--lam", lam], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for lam in ("0.1", "0.2")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    refusal = next(err for code, err in results if code == 1)
+    lines = refusal.strip().splitlines()
+    assert len(lines) == 1 and any(m in lines[0] for m in (
+        "another mam run is writing", "already exists", "appeared while this run worked")), refusal
+    assert mam("verify", out).code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
