@@ -434,7 +434,8 @@ class _Stages:
             self.bar.update(self.task, completed=done, total=total)
 
 
-@app.command("rank-layers")
+@app.command("rank-layers", epilog="Example: mam rank-layers bert-base hubert-base --data ljspeech:LJSpeech-1.1 "
+             "--fraction 0.1 --metric all -o ranking.json")
 def rank_cmd(
     source: Annotated[str, typer.Argument(help="Source (text) model, with its tokenizer.")],
     target: Annotated[str, typer.Argument(help="Target (speech) model, with its feature extractor.")],
@@ -501,7 +502,8 @@ def _floats(text: str, what: str) -> list[float]:
         raise MamError(f"{what} takes a comma list of numbers; got {text!r}") from None
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog="Example: mam evaluate whisper-small --data ljspeech:LJSpeech-1.1 --source "
+             "bert-base --lam 0,0.05,0.1 --pick-on-dev --format csv -o eval.json")
 def evaluate_cmd(
     target: Annotated[str, typer.Argument(help="Speech (CTC) or audio-event model to evaluate.")],
     data: DataOpt,
@@ -664,7 +666,8 @@ def _plot_sweep(result: dict[str, Any], path: Path) -> None:
     line_plot(series, "λ", "error", "error against λ", path)
 
 
-@app.command("finetune")
+@app.command("finetune", epilog="Example: mam finetune hubert-large --data ljspeech:LJSpeech-1.1 --source "
+             "bert-large --learnable-lam --lam-init 0.1 -o ft-lmam/")
 def finetune_cmd(
     target: Annotated[str, typer.Argument(help="Speech (CTC) or audio-event model to fine-tune.")],
     data: DataOpt,
@@ -744,7 +747,7 @@ def finetune_cmd(
         _out(dumps(report) if fmt == Format.json else render(rows, fmt, title=f"fine-tuned into {out}"))
 
 
-@app.command("map")
+@app.command("map", epilog="Example: mam map distilbert-base hubert-base --layer-map stride --format tsv")
 def map_cmd(
     source: Annotated[str, typer.Argument(help="Source model.")],
     target: Annotated[str, typer.Argument(help="Target model.")],
@@ -785,7 +788,7 @@ def verify_cmd(directory: Annotated[Path, typer.Argument(help="A `mam merge` or 
         raise MamError(f"{directory}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in by_status.items()))
 
 
-@app.command("models")
+@app.command("models", epilog="Example: mam models --format csv")
 def models_cmd(fmt: FormatOpt = Format.table) -> None:
     """List the model aliases and the hub ids they stand for."""
     from mamcli.aliases import ALIASES
@@ -794,7 +797,7 @@ def models_cmd(fmt: FormatOpt = Format.table) -> None:
     _out(render(rows, fmt))
 
 
-@app.command("families")
+@app.command("families", epilog="Example: mam families --arch-map my-family.toml")
 def families_cmd(fmt: FormatOpt = Format.table, arch_map: ArchMapOpt = None) -> None:
     """List the architecture families and where they keep Q/K/V."""
     rows = [{"family": f.name, "modality": f.modality, "model_types": ",".join(f.model_types),
