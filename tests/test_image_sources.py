@@ -208,3 +208,33 @@ def test_source_of_another_width(real, mam, tmp_path):
     src, out = tiny_image("dinov2", tmp_path / "dinov2-32", layers=4), tmp_path / "o"
     r = mam("merge", src, real("whisper-tiny.en"), "--lam", LAM, "-o", out)
     assert_clean_failure(r, out, "hidden sizes differ", "hidden 32, 4 heads × 8", "hidden 384, 6 heads × 64")
+
+
+def test_audio_events_with_the_real_image_pair(real, mam, tmp_path):
+    """A Whisper-encoder classifier (whisper-tiny.en's encoder, a seeded head named for ESC-10's classes) on a few
+    real ESC-10 clips: a sweep's λ = 0 row predicts exactly what the unmerged classifier predicts, and its DINOv2
+    point equals `mam merge` + `mam evaluate` of that merge, clip by clip."""
+    from conftest import ESC10_CLASSES
+
+    torch.manual_seed(0)
+    classifier = tmp_path / "classifier"
+    model = transformers.WhisperForAudioClassification.from_pretrained(
+        real("whisper-tiny.en"), num_labels=10, id2label=dict(enumerate(ESC10_CLASSES)),
+        label2id={c: i for i, c in enumerate(ESC10_CLASSES)}, dtype=torch.float32)
+    model.save_pretrained(classifier)
+    transformers.WhisperFeatureExtractor.from_pretrained(real("whisper-tiny.en")).save_pretrained(classifier)
+    data = ["--data", f"folders:{SHARED}/esc10/ESC-10", "--folds", "5", "--limit", "6"]
+    dino, layer_map = real("dinov2-vits14"), ["--layer-map", "0,4,7,11"]
+    assert mam("evaluate", classifier, *data, "-q", "-o", tmp_path / "alone.json").code == 0
+    r = mam("evaluate", classifier, *data, "--source", dino, *layer_map, "--lam", "0,0.1", "-q",
+            "-o", tmp_path / "sweep.json")
+    assert r.code == 0, r.err
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert sweep["details"]["target"]["clips_detail"] == alone["details"]["target"]["clips_detail"]
+    assert mam("merge", dino, classifier, "--lam", "0.1", *layer_map, "-o", tmp_path / "merged", "-q").code == 0
+    assert mam("evaluate", tmp_path / "merged", *data, "-q", "-o", tmp_path / "merged.json").code == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    point = sweep["details"]["all|0.1|dinov2-vits14"]
+    assert point["clips_detail"] == merged["details"]["target"]["clips_detail"]
+    assert point["error"] == merged["baseline"]["error"]
