@@ -22,7 +22,8 @@ from rich.console import Console
 from typer._click.core import ParameterSource
 
 from mamcli.errors import Interrupted, MamError
-from mamcli.tables import render
+from mamcli.metrics import NORMALISERS, RANK_METRICS
+from mamcli.tables import FORMATS, render
 
 if TYPE_CHECKING:
     import torch
@@ -44,48 +45,18 @@ LayerMapOpt = Annotated[str | None, typer.Option("--layer-map",
                                                  help="Source layer per target layer: stride|first|last|LIST.")]
 
 
-class Format(StrEnum):
-    table = "table"
-    csv = "csv"
-    tsv = "tsv"
-    json = "json"
+def _choices(name: str, *values: str) -> Any:
+    """A closed set of option values: Typer lists them in --help and refuses others (exit 2)."""
+    return StrEnum(name, {v: v for v in values})
 
 
-class Task(StrEnum):
-    auto = "auto"
-    asr = "asr"
-    aec = "aec"
-
-
-class Metric(StrEnum):
-    swd = "swd"
-    euclidean = "euclidean"
-    inner = "inner"
-    all = "all"
-
-
-class Split(StrEnum):
-    all = "all"
-    dev = "dev"
-    test = "test"
-
-
-class TextField(StrEnum):
-    normalized = "normalized"
-    raw = "raw"
-
-
-class Noise(StrEnum):
-    source = "source"
-    target = "target"
-    normal = "normal"
-
-
-class Normalizer(StrEnum):
-    auto = "auto"
-    whisper = "whisper"
-    basic = "basic"
-    none = "none"
+Format = _choices("Format", *FORMATS)
+Task = _choices("Task", "auto", "asr", "aec")
+Metric = _choices("Metric", *RANK_METRICS, "all")
+Split = _choices("Split", "all", "dev", "test")
+TextField = _choices("TextField", "normalized", "raw")
+Noise = _choices("Noise", "source", "target", "normal")  # merge.NOISE_KINDS (merge imports torch: --help stays fast)
+Normalizer = _choices("Normalizer", *NORMALISERS)
 
 
 NormalizerOpt = Annotated[Normalizer, typer.Option("--normalizer", help="Text normaliser of references and "
@@ -96,10 +67,7 @@ LanguageOpt = Annotated[str | None, typer.Option("--language", help="Multilingua
                                                  "(e.g. en); refused for English-only checkpoints.")]
 
 
-class OutDtype(StrEnum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+OutDtype = _choices("OutDtype", "fp32", "fp16", "bf16")  # merge.OUT_DTYPES
 
 
 def _finite(value: float | None) -> float | None:
