@@ -16,7 +16,7 @@ SOURCE ?= $(MODELS)/all-MiniLM-L6-v2
 TARGET ?= $(SHARED)/models/whisper-tiny.en
 IMAGE_SOURCE ?= $(MODELS)/dinov2-vits14
 
-.PHONY: install models test lint demo results bench clean
+.PHONY: install models test lint demo results cv bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ demo: install models
 results: install models
 	bash benchmarks/results.sh
 	$(PY) benchmarks/results_md.py
+
+# ESC-10 by 5-fold cross-validation: plain fine-tuning vs L-MAM with the image source, errors over all folds
+cv: install models
+	$(PY) benchmarks/esc_cv.py $(TARGET) folders:$(SHARED)/data/esc10/ESC-10 build/cv \
+	  -- --source $(IMAGE_SOURCE) --layer-map 0,4,7,11 --learnable-lam --lam-init 0.1
 
 bench: install models
 	$(PY) benchmarks/merge_bench.py
