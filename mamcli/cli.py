@@ -435,18 +435,23 @@ def rank_cmd(
 ) -> None:
     """Rank layers by how alike the source's text and the target's speech representations are."""
     from mamcli.checkpoint import resolve
+    from mamcli.distributed import launched
     from mamcli.rank import RankOptions, rank_layers, ranking_rows
     from mamcli.report import dumps, write_json
 
-    _logging(verbose, quiet)
+    procs = launched()  # under torchrun / accelerate launch: this process encodes its share of the clips
+    _logging(verbose and procs.main, quiet or not procs.main)
     opts = RankOptions(metric=metric.value, top_k=top_k, n_projections=n_projections, seed=seed,
                        batch_size=batch_size, layer_map=layer_map, strict=strict, device=device)
     opts.metrics()
     _check_report_paths(out, plot)
     ds = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed).part(
         split.value, fraction)
-    with resolve(source) as src, resolve(target) as tgt, _Stages(quiet) as stages:
-        report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=stages.note, ticker=stages.tick)
+    with resolve(source) as src, resolve(target) as tgt, _Stages(quiet or not procs.main) as stages:
+        report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=stages.note, ticker=stages.tick,
+                             processes=procs)
+    if "process" in report:  # under a launcher, only the main process reports
+        return
     for b in report["bad_clips"]:
         _note(f"skipped clip {b['id']}: {b['error']}")
     rows = ranking_rows(report)
@@ -525,11 +530,13 @@ def evaluate_cmd(
     import time
 
     from mamcli.checkpoint import resolve
+    from mamcli.distributed import launched
     from mamcli.evaluate import EvalOptions, Evaluator, SweepOptions, best_point, evaluate_report, sweep
     from mamcli.report import write_json
 
     started = time.perf_counter()
-    _logging(verbose, quiet)
+    procs = launched()  # under torchrun / accelerate launch: this process scores its share of the clips
+    _logging(verbose and procs.main, quiet or not procs.main)
     opts = EvalOptions(task=task.value, normalizer=normalizer.value, batch_size=batch_size, strict=strict,
                        label_map=label_map, device=device, cache_gb=cache_gb, beams=beams, language=language)
     sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
@@ -546,9 +553,9 @@ def evaluate_cmd(
         first = "dev" if pick_on_dev else split.value
         corpus = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
         ds = corpus.part(first)
-        stages = stack.enter_context(_Stages(quiet))
+        stages = stack.enter_context(_Stages(quiet or not procs.main))
         note = stages.note
-        ev = Evaluator(tgt, ds, opts, progress=note, ticker=stages.tick)
+        ev = Evaluator(tgt, ds, opts, progress=note, ticker=stages.tick, processes=procs)
         bad_clips = list(ev.bad)
         result = sweep(ev, src, sw, families, progress=note)
         rows = [{"split": first, **r} for r in result["table"]]
@@ -557,7 +564,8 @@ def evaluate_cmd(
             if note:
                 note(f"best on dev: {_point_name(best)}; evaluating it on test")
             test_ds = corpus.part("test")
-            test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick)  # model loaded
+            test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick,  # model loaded
+                                processes=procs)
             if best["lam"] > 0:  # the chosen point only
                 one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None, baseline="target",
                               noises=[best["noise"]] if best.get("noise") else [],
@@ -569,6 +577,8 @@ def evaluate_cmd(
             result = {"dev": result, "best_on_dev": best, "test": test}
             rows += [{"split": "test", **r} for r in test["table"]]
         report = evaluate_report(tgt, ds, ev, result, started, src)
+    if "process" in report:  # under a launcher, only the main process reports
+        return
     for b in bad_clips:
         _note(f"skipped clip {b['id']}: {b['error']}")
     title = "error by λ (rel.red.: relative error reduction; Δ: paired difference to λ = 0, 95 % interval)"

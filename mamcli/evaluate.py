@@ -4,6 +4,11 @@ models, for one model or a sweep. What differs per kind of head lives in :mod:`m
 A sweep evaluates every (layers, λ, source-or-noise) point on one loaded target: only the merged
 Q/K/V tensors are swapped in and out, the feature extractor runs once per clip, and the outputs of
 everything before the first merged layer are computed once per batch and replayed.
+
+Under a launcher (:mod:`mamcli.distributed`) every process loads the model once and runs every point on
+its share of the batches (its replay cache its own); the predictions of each point are gathered to every
+process, so each scores the union exactly as one process would (and ``--pick-on-dev`` picks the same point
+everywhere). Only the main process reports.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any
 import torch
 
 from mamcli.checkpoint import Checkpoint
-from mamcli.data import Dataset, Item, iter_clips
+from mamcli.data import Dataset, Item
+from mamcli.distributed import ALONE, Processes, read_batches
 from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Family
 from mamcli.layers import layers_spec, parse_layers
@@ -89,31 +95,35 @@ class Evaluator:
 
     def __init__(self, target: Checkpoint, ds: Dataset, opts: EvalOptions,
                  progress: Callable[[str], None] | None = None, am: AudioModel | None = None,
-                 ticker: Callable[[int, int], None] | None = None) -> None:
-        """``progress`` gets a line per stage; ``ticker(done, total)`` clips read, then batches scored."""
+                 ticker: Callable[[int, int], None] | None = None, processes: Processes = ALONE) -> None:
+        """``progress`` gets a line per stage; ``ticker(done, total)`` clips read, then batches scored (both on
+        the main process only). ``processes``: under a launcher, this process scores its share of the batches."""
         self.opts = opts
-        self.ticker = ticker
-        self.progress = progress
+        self.processes = processes
+        self.ticker = ticker if processes.main else None
+        self.progress = progress if processes.main else None
         self.ds = ds
         if opts.cache_gb < 0:
             raise MamError(f"--cache-gb must be 0 or more; got {opts.cache_gb}")
         self.task: Task = make(opts.task, target.config, opts.task_options(), target.spec)
-        self.am: AudioModel = am or load_audio_model(target, self.task, opts.device)
+        self.am: AudioModel = am or load_audio_model(target, self.task, processes.device(opts.device))
         if am is not None:
             self.task.bind(am)
         self.task.check(ds)  # bound first: labels are matched against the model's head
-        self.bad: list[dict[str, str]] = []
-        if progress:
-            progress(f"reading {len(ds.items)} clips at {self.am.rate} Hz")
-        clips = list(iter_clips(ds, self.am.rate, opts.strict, self.bad, ticker, usable=self.am.usable))
-        if not clips:
-            raise MamError(f"no usable clip in {ds.spec!r}" + (f" ({self.bad[0]['error']})" if self.bad else ""))
+        if self.progress:
+            self.progress(f"reading {len(ds.items)} clips at {self.am.rate} Hz")
         self.batch_size = opts.batch_size or default_batch_size(self.am.model, self.task)
-        batches = list(self.am.batches(clips, self.batch_size))
-        self.inputs = [self.am.inputs([c.audio for c in b]) for b in batches]  # features once per clip
-        self.samples = [[len(c.audio) for c in b] for b in batches]
-        self.batches: list[list[Item]] = [[c.item for c in b] for b in batches]  # the audio is not kept
-        del clips, batches
+        shard = read_batches(ds, self.am, self.batch_size, processes, opts.strict, self.ticker)
+        self.bad = shard.bad
+        if not shard.items:
+            raise MamError(f"no usable clip in {ds.spec!r}" + (f" ({self.bad[0]['error']})" if self.bad else ""))
+        self.items = shard.items  # every process's clips: the union is scored
+        self.order = shard.order
+        self.clips_per_process = shard.clips_per_process
+        self.inputs = [self.am.inputs([c.audio for c in b]) for b in shard.batches]  # features once per clip
+        self.samples = [[len(c.audio) for c in b] for b in shard.batches]
+        self.batches: list[list[Item]] = [[c.item for c in b] for b in shard.batches]  # the audio is not kept
+        del shard
         self.store = ModelStore(self.am.model, target.spec, stored_dtype(target))
         self.cache: PrefixCache | None = None
         self.seconds = 0.0
@@ -129,10 +139,11 @@ class Evaluator:
 
     @torch.inference_mode()
     def predict(self) -> dict[str, str]:
-        """Clip id → hypothesis (ASR) or dataset label (audio events), using the prefix cache if set."""
+        """Clip id → hypothesis (ASR) or dataset label (audio events) of every process's clips, in batch
+        order, using the prefix cache if set. Under a launcher the wall time includes waiting for the others."""
         started = time.perf_counter()
         out: dict[str, str] = {}
-        self.at_bound = []
+        at_bound: list[str] = []
         model = self.am.model
         was_training = model.training
         model.eval()  # no dropout while scoring, also mid-training
@@ -140,15 +151,19 @@ class Evaluator:
             with self._forward(k):
                 pred = self.task.predict(self.am, inputs, samples)
             out.update({item.id: t for item, t in zip(batch, pred.texts, strict=True)})
-            self.at_bound += [item.id for item, hit in zip(batch, pred.at_bound, strict=True) if hit]
+            at_bound += [item.id for item, hit in zip(batch, pred.at_bound, strict=True) if hit]
             if self.ticker:
                 self.ticker(k + 1, len(self.batches))
         model.train(was_training)
+        parts = self.processes.all_gather((out, at_bound))
+        found = {k: t for texts, _ in parts for k, t in texts.items()}
+        hit = {k for _, ids in parts for k in ids}
+        self.at_bound = [k for k in self.order if k in hit]
         self.seconds += time.perf_counter() - started
-        return out
+        return {k: found[k] for k in self.order}
 
     def score(self, preds: dict[str, str]) -> dict[str, Any]:
-        items = sorted((i for b in self.batches for i in b), key=lambda i: i.id)
+        items = sorted(self.items, key=lambda i: i.id)
         return self.task.score(items, preds, set(self.at_bound))
 
     def evaluate(self, label: str = "") -> dict[str, Any]:
@@ -167,8 +182,8 @@ class Evaluator:
                                 "dtype": str(dtype).removeprefix("torch."),
                                 "stored_dtype": str(stored).removeprefix("torch.") if stored else "mixed",
                                 "batch_size": self.batch_size, "padding_safe_batching": self.am.padding_safe,
-                                "clips": sum(map(len, self.batches)), "skipped_clips": len(self.bad),
-                                "bad_clips": self.bad}
+                                "clips": len(self.items), "skipped_clips": len(self.bad), "bad_clips": self.bad,
+                                "processes": self.processes.size, "clips_per_process": self.clips_per_process}
         if "normalizer" in info:
             info["normalizer"]["text_field"] = self.ds.text_field
         return info
@@ -182,7 +197,9 @@ def _summary(scores: dict[str, Any]) -> dict[str, Any]:
 def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
           families: tuple[Family, ...] = FAMILIES,
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluate the target (λ = 0) and every merge point; returns the paper-style table and details."""
+    """Evaluate the target (λ = 0) and every merge point; returns the paper-style table and details (on every
+    process of a launch, which all run this with the same arguments)."""
+    progress = progress if ev.processes.main else None
     for lam in opts.lams:
         if not 0.0 <= lam <= 1.0:
             raise MamError(f"λ must lie in [0, 1], got {lam}")
@@ -225,6 +242,10 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
         results.append({"layers": label, "lam": lam, "column": col, "noise": noise,
                         "seconds": round(ev.seconds - before, 3), **_summary(scores)})
     norm = normaliser(getattr(ev.task, "normalizer", "basic"), getattr(ev.task, "spelling", None))
+    cache = None
+    if ev.cache is not None:  # each process replays its own batches: the report counts them all
+        parts = ev.processes.all_gather(ev.cache.describe(len(ev.batches)))
+        cache = {**parts[0], **{k: sum(p[k] for p in parts) for k in ("used_bytes", "batches_replayed", "batches")}}
     add_paired_columns(results, details, opts.baseline, norm, opts.resamples, opts.seed)
     return {"baseline": _summary(base), "points": results, "details": details,
             "paired_statistics": {"baseline": opts.baseline, "resamples": opts.resamples, "seed": opts.seed,
@@ -233,7 +254,7 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
             "table": paper_table(results, [c for c, _ in columns]) if columns else
             [{"layers": "-", "lam": 0.0, **_summary(base)}], "first_merged_layer": first,
             "timing": {"baseline_s": round(base_t, 3), "total_s": round(ev.seconds, 3)},
-            "replay_cache": ev.cache.describe(len(ev.batches)) if ev.cache else None}
+            "replay_cache": cache}
 
 
 def paper_table(points: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
@@ -264,6 +285,10 @@ def best_point(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate_report(target: Checkpoint, ds: Dataset, ev: Evaluator, result: dict[str, Any], started: float,
                     source: Checkpoint | None = None) -> dict[str, Any]:
+    """The report, on the main process; on the others ``{"command": "evaluate", "process": rank}`` (the CLI
+    prints and writes nothing there)."""
+    if not ev.processes.main:
+        return {"command": "evaluate", "process": ev.processes.rank}
     return {"command": "evaluate", "inputs": {"target": target.describe(),
                                               "source": source.describe() if source else None,
                                               "data": ds.describe()},

@@ -6,6 +6,10 @@ one after the encoder's final LayerNorm, as transformers returns it). Pooling: t
 positions only (audio frames inside the clip's true length, via the model's own frame-length formula:
 Whisper pads every clip to 30 s and keeps ceil(samples / 320) of its 1500 frames; text tokens with
 attention_mask = 1, [CLS]/[SEP] included). Only pooled vectors are kept, batch by batch.
+
+Under a launcher (:mod:`mamcli.distributed`) each process encodes its share of the very batches one process
+encodes (audio and text), the pooled vectors are gathered to the main process, and it alone scores all pairs:
+the scores and the ranking are those of one process, number for number.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 
 from mamcli.checkpoint import Checkpoint
-from mamcli.data import Dataset, iter_clips
+from mamcli.data import Clip, Dataset
+from mamcli.distributed import ALONE, Processes, read_batches
 from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Family
 from mamcli.layers import parse_layer_map
@@ -56,51 +61,70 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-@torch.no_grad()
-def pooled_audio(am: AudioModel, clips: list[Any], batch_size: int,
+def pooled_audio(am: AudioModel, clips: list[Clip], batch_size: int,
                  ticker: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Clip id → (layers, hidden) pooled vectors of the audio model; ``ticker(clips done, total)``."""
+    return _pool_audio(am, list(am.batches(clips, batch_size)), ticker)
+
+
+@torch.no_grad()
+def _pool_audio(am: AudioModel, batches: list[list[Clip]],
+                ticker: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
+    total = sum(map(len, batches))
     encoder = am.encoder()
-    for batch in am.batches(clips, batch_size):
+    for batch in batches:
         inputs = am.inputs([c.audio for c in batch])
         hs = encoder(**inputs, output_hidden_states=True).hidden_states[1:]
         mask = am.valid_frames(inputs, [len(c.audio) for c in batch], hs[0].shape[1]).to(hs[0].device)
         pooled = torch.stack([_pool(h, mask) for h in hs], 1)
         out.update({c.item.id: pooled[k].float().cpu().numpy() for k, c in enumerate(batch)})
         if ticker:
-            ticker(len(out), len(clips))
+            ticker(len(out), total)
     return out
 
 
-@torch.no_grad()
+def text_batches(texts: dict[str, str], batch_size: int) -> list[list[str]]:
+    """Clip ids in batches of transcripts of similar length, shortest first (little padding)."""
+    ids = sorted(texts, key=lambda k: (len(texts[k]), k))
+    return [ids[s:s + batch_size] for s in range(0, len(ids), batch_size)]
+
+
 def pooled_text(tm: TextModel, texts: dict[str, str], batch_size: int,
                 ticker: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Clip id → (layers, hidden) pooled vectors of the text model, on the clip's transcript."""
+    return _pool_text(tm, texts, text_batches(texts, batch_size), ticker)
+
+
+@torch.no_grad()
+def _pool_text(tm: TextModel, texts: dict[str, str], batches: list[list[str]],
+               ticker: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    ids = sorted(texts, key=lambda k: (len(texts[k]), k))
+    total = sum(map(len, batches))
     limit = getattr(tm.tokenizer, "model_max_length", 512)
     limit = min(limit if isinstance(limit, int) and limit < 100_000 else 512,
                 getattr(tm.model.config, "max_position_embeddings", 512))
-    for s in range(0, len(ids), batch_size):
-        chunk = ids[s:s + batch_size]
+    for chunk in batches:
         enc = tm.tokenizer([texts[k] for k in chunk], padding=True, truncation=True, max_length=limit,
                            return_tensors="pt").to(tm.model.device)
         hs = tm.model(**enc, output_hidden_states=True).hidden_states[1:]
         pooled = torch.stack([_pool(h, enc["attention_mask"]) for h in hs], 1)
         out.update({k: pooled[n].float().cpu().numpy() for n, k in enumerate(chunk)})
         if ticker:
-            ticker(len(out), len(ids))
+            ticker(len(out), total)
     return out
 
 
 def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankOptions,
                 families: tuple[Family, ...] = FAMILIES,
                 progress: Callable[[str], None] | None = None,
-                ticker: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                ticker: Callable[[int, int], None] | None = None, processes: Processes = ALONE) -> dict[str, Any]:
     """Score every target layer against its source layer and rank them, best first, per metric.
-    ``progress`` gets a line per stage, ``ticker(done, total)`` the clips of each stage."""
+    ``progress`` gets a line per stage, ``ticker(done, total)`` the clips of each stage (main process only).
+    ``processes``: under a launcher, this process encodes its share of the clips; the report is the main
+    process's, the others get ``{"command": "rank-layers", "process": rank}`` (the CLI prints nothing there)."""
     started = time.perf_counter()
+    progress, ticker = (progress, ticker) if processes.main else (None, None)
     metrics = opts.metrics()
     src_arch, tgt_arch = source.arch(families), target.arch(families)
     notes = check_compatible(src_arch, tgt_arch, source.spec, target.spec)
@@ -111,20 +135,25 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
     missing_text = [i.id for i in ds.items if not i.text]
     if missing_text:
         raise MamError(f"rank-layers needs transcripts: {len(missing_text)} clip(s) have none (e.g. {missing_text[0]})")
-    am = load_audio_model(target, "encode", opts.device)
-    tm = load_text_model(source, opts.device)
-    bad: list[dict[str, str]] = []
+    am = load_audio_model(target, "encode", processes.device(opts.device))
+    tm = load_text_model(source, processes.device(opts.device))
     if progress:
         progress(f"reading {len(ds.items)} clips")
-    clips = list(iter_clips(ds, am.rate, opts.strict, bad, ticker, usable=am.usable))
-    if len(clips) < 2:
-        raise MamError(f"rank-layers needs at least 2 usable clips; got {len(clips)}")
+    shard = read_batches(ds, am, opts.batch_size or default_batch_size(am.model), processes, opts.strict, ticker)
+    if len(shard.items) < 2:
+        raise MamError(f"rank-layers needs at least 2 usable clips; got {len(shard.items)}")
     if progress:
         progress("encoding audio")
-    audio = pooled_audio(am, clips, opts.batch_size or default_batch_size(am.model), ticker)
+    mine = _pool_audio(am, shard.batches, ticker)
     if progress:
         progress("encoding text")
-    text = pooled_text(tm, {c.item.id: c.item.text or "" for c in clips}, opts.batch_size or 8, ticker)
+    texts = {i.id: i.text or "" for i in shard.items}
+    parts = processes.gather((mine, _pool_text(tm, texts, processes.shard(text_batches(texts, opts.batch_size or 8)),
+                                               ticker)))
+    if parts is None:
+        return {"command": "rank-layers", "process": processes.rank}
+    audio = {k: v for a, _ in parts for k, v in a.items()}
+    text = {k: v for _, t in parts for k, v in t.items()}
     ids = sorted(audio)
     a = np.stack([audio[k] for k in ids])  # (pairs, target layers, hidden)
     t = np.stack([text[k] for k in ids])   # (pairs, source layers, hidden)
@@ -141,7 +170,8 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
                    "target": {**target.describe(), "family": tgt_arch.family.name}, "data": ds.describe()},
         "hidden_state": HIDDEN_STATE, "pooling": POOLING, "layer_map": layer_map,
         "primary_metric": metrics[0], "top_k": top_k, "n_projections": opts.n_projections, "seed": opts.seed,
-        "metrics": results, "samples": ids, "skipped_clips": len(bad), "bad_clips": bad, "notes": notes,
+        "metrics": results, "samples": ids, "skipped_clips": len(shard.bad), "bad_clips": shard.bad, "notes": notes,
+        "processes": processes.size, "clips_per_process": shard.clips_per_process,
         "versions": versions(), "wall_time_s": round(time.perf_counter() - started, 3),
         "peak_rss_mib": peak_rss_mib(),
     }
