@@ -320,6 +320,9 @@ BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1,
                                               help="Clips per forward (default: 1 on CPU, 8 on GPU).")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
+Dtype = _choices("Dtype", "float32", "bfloat16", "float16")  # models.COMPUTE_DTYPES
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Compute dtype (the report says which); float16 needs a "
+                                                         "GPU.")]
 
 
 SubsetOpt = Annotated[str | None, typer.Option("--subset", help="The corpus's own split: LibriSpeech test-clean, a "
@@ -430,6 +433,7 @@ def rank_cmd(
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.float32,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -442,7 +446,7 @@ def rank_cmd(
     procs = launched()  # under torchrun / accelerate launch: this process encodes its share of the clips
     _logging(verbose and procs.main, quiet or not procs.main)
     opts = RankOptions(metric=metric.value, top_k=top_k, n_projections=n_projections, seed=seed,
-                       batch_size=batch_size, layer_map=layer_map, strict=strict, device=device)
+                       batch_size=batch_size, layer_map=layer_map, strict=strict, device=device, dtype=dtype.value)
     opts.metrics()
     _check_report_paths(out, plot)
     ds = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed).part(
@@ -523,6 +527,7 @@ def evaluate_cmd(
     plot: PlotOpt = None,
     arch_map: ArchMapOpt = None,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.float32,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -538,7 +543,8 @@ def evaluate_cmd(
     procs = launched()  # under torchrun / accelerate launch: this process scores its share of the clips
     _logging(verbose and procs.main, quiet or not procs.main)
     opts = EvalOptions(task=task.value, normalizer=normalizer.value, batch_size=batch_size, strict=strict,
-                       label_map=label_map, device=device, cache_gb=cache_gb, beams=beams, language=language)
+                       label_map=label_map, device=device, cache_gb=cache_gb, beams=beams, language=language,
+                       dtype=dtype.value)
     sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
                       noises=[n.strip() for n in noise.split(",")] if noise else [], with_source=not noise_only,
                       seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map, baseline=baseline,
@@ -550,6 +556,10 @@ def evaluate_cmd(
     with ExitStack() as stack:
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
+        if src is not None:  # wrong roles are known before any clip is read
+            from mamcli.families import check_roles
+
+            check_roles(src.arch(families), tgt.arch(families), src.spec, tgt.spec)
         first = "dev" if pick_on_dev else split.value
         corpus = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
         ds = corpus.part(first)

@@ -35,6 +35,7 @@ from mamcli.models import (
     InMemoryMerger,
     ModelStore,
     PrefixCache,
+    compute_dtype,
     default_batch_size,
     load_audio_model,
     stored_dtype,
@@ -55,6 +56,7 @@ class EvalOptions:
     cache_gb: float = 4.0  # replay cache of a sweep (PrefixCache): beyond it, batches run in full
     beams: int = 1  # sequence-to-sequence: 1 is greedy decoding, more is beam search
     language: str | None = None  # multilingual Whisper: the language to transcribe (default: detected)
+    dtype: str | None = None  # compute dtype (--dtype); None: float32 on CPU, the stored dtype on a GPU
 
     def task_options(self) -> TaskOptions:
         return TaskOptions(beams=self.beams, language=self.language, normalizer=self.normalizer,
@@ -106,7 +108,9 @@ class Evaluator:
         if opts.cache_gb < 0:
             raise MamError(f"--cache-gb must be 0 or more; got {opts.cache_gb}")
         self.task: Task = make(opts.task, target.config, opts.task_options(), target.spec)
-        self.am: AudioModel = am or load_audio_model(target, self.task, processes.device(opts.device))
+        device = processes.device(opts.device)
+        self.am: AudioModel = am or load_audio_model(target, self.task, device,
+                                                     dtype=compute_dtype(opts.dtype, device))
         if am is not None:
             self.task.bind(am)
         self.task.check(ds)  # bound first: labels are matched against the model's head

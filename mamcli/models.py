@@ -259,11 +259,25 @@ class TextModel:
     tokenizer: Any
 
 
-def load_text_model(ckpt: Checkpoint, device: str = "cpu") -> TextModel:
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype
+
+
+def compute_dtype(name: str | None, device: str) -> torch.dtype | None:
+    """``--dtype`` as a torch dtype; float16 needs an accelerator (CPU kernels for it are missing or slow)."""
+    if name is None:
+        return None
+    if name not in COMPUTE_DTYPES:
+        raise MamError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {name!r}")
+    if name == "float16" and resolve_device(device).type == "cpu":
+        raise MamError("--dtype float16 needs a GPU; on CPU use float32 or bfloat16")
+    return COMPUTE_DTYPES[name]
+
+
+def load_text_model(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> TextModel:
     tf = _transformers()
     try:
-        return TextModel(ckpt, tf.AutoModel.from_pretrained(ckpt.root).eval().to(resolve_device(device)),
-                         tf.AutoTokenizer.from_pretrained(ckpt.root))
+        model = tf.AutoModel.from_pretrained(ckpt.root, dtype=dtype or torch.float32)
+        return TextModel(ckpt, model.eval().to(resolve_device(device)), tf.AutoTokenizer.from_pretrained(ckpt.root))
     except (OSError, ValueError, KeyError) as e:
         raise MamError(f"{ckpt.spec}: cannot load as a text model with its tokenizer "
                        f"({str(e).strip().splitlines()[0]})") from None

@@ -26,11 +26,18 @@ from mamcli.checkpoint import Checkpoint
 from mamcli.data import Clip, Dataset
 from mamcli.distributed import ALONE, Processes, read_batches
 from mamcli.errors import MamError
-from mamcli.families import FAMILIES, Family
+from mamcli.families import FAMILIES, Family, check_roles
 from mamcli.layers import parse_layer_map
 from mamcli.merge import check_compatible
 from mamcli.metrics import ORIENTATION, RANK_METRICS, layer_scores, ranking
-from mamcli.models import AudioModel, TextModel, default_batch_size, load_audio_model, load_text_model
+from mamcli.models import (
+    AudioModel,
+    TextModel,
+    compute_dtype,
+    default_batch_size,
+    load_audio_model,
+    load_text_model,
+)
 from mamcli.report import peak_rss_mib, versions
 
 HIDDEN_STATE = "hidden_states[i + 1]: the output of Transformer block i (after attention and feed-forward)"
@@ -47,6 +54,7 @@ class RankOptions:
     layer_map: str | None = None
     strict: bool = False
     device: str = "cpu"
+    dtype: str | None = None  # compute dtype (--dtype), as for evaluate
 
     def metrics(self) -> tuple[str, ...]:
         if self.metric == "all":
@@ -127,6 +135,7 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
     progress, ticker = (progress, ticker) if processes.main else (None, None)
     metrics = opts.metrics()
     src_arch, tgt_arch = source.arch(families), target.arch(families)
+    check_roles(src_arch, tgt_arch, source.spec, target.spec)
     notes = check_compatible(src_arch, tgt_arch, source.spec, target.spec)
     layer_map = parse_layer_map(opts.layer_map, src_arch.num_layers, tgt_arch.num_layers)
     top_k = min(8, tgt_arch.num_layers) if opts.top_k is None else opts.top_k
@@ -135,8 +144,10 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
     missing_text = [i.id for i in ds.items if not i.text]
     if missing_text:
         raise MamError(f"rank-layers needs transcripts: {len(missing_text)} clip(s) have none (e.g. {missing_text[0]})")
-    am = load_audio_model(target, "encode", processes.device(opts.device))
-    tm = load_text_model(source, processes.device(opts.device))
+    device = processes.device(opts.device)
+    dtype = compute_dtype(opts.dtype, device)
+    am = load_audio_model(target, "encode", device, dtype=dtype)
+    tm = load_text_model(source, device, dtype=dtype)
     if progress:
         progress(f"reading {len(ds.items)} clips")
     shard = read_batches(ds, am, opts.batch_size or default_batch_size(am.model), processes, opts.strict, ticker)
@@ -168,7 +179,8 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
         "command": "rank-layers",
         "inputs": {"source": {**source.describe(), "family": src_arch.family.name},
                    "target": {**target.describe(), "family": tgt_arch.family.name}, "data": ds.describe()},
-        "hidden_state": HIDDEN_STATE, "pooling": POOLING, "layer_map": layer_map,
+        "hidden_state": HIDDEN_STATE, "pooling": POOLING,
+        "dtype": str(next(am.model.parameters()).dtype).removeprefix("torch."), "layer_map": layer_map,
         "primary_metric": metrics[0], "top_k": top_k, "n_projections": opts.n_projections, "seed": opts.seed,
         "metrics": results, "samples": ids, "skipped_clips": len(shard.bad), "bad_clips": shard.bad, "notes": notes,
         "processes": processes.size, "clips_per_process": shard.clips_per_process,

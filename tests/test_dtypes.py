@@ -30,3 +30,18 @@ def test_half_precision_outputs_evaluate_rank_and_finetune(dtype, stored, tiny, 
     r = mam("finetune", half, "--data", LJ, "--limit", "4", "--batch-size", "2", "--max-steps", "1",
             "-o", tmp_path / "ft", "-q", "--format", "json")
     assert r.code == 0, r.err
+
+
+def test_dtype_option_computes_in_bfloat16_and_says_so(tiny, mam, tmp_path):
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "2", "--dtype", "bfloat16", "-q", "-o", tmp_path / "e.json")
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "e.json").read_text())["evaluation"]["dtype"] == "bfloat16"
+    r = mam("rank-layers", src, tgt, "--data", LJ, "--limit", "3", "--top-k", "1", "--dtype", "bfloat16", "-q",
+            "--format", "json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["dtype"] == "bfloat16"
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "2", "--dtype", "float16", "--device", "cpu")
+    assert r.code == 1 and r.err.strip() == "mam: error: --dtype float16 needs a GPU; on CPU use float32 or bfloat16"
+    r = mam("evaluate", tgt, "--data", LJ, "--dtype", "float8")
+    assert r.code == 2 and "--dtype" in r.err

@@ -221,3 +221,13 @@ def test_a_fold_that_does_not_exist(tiny, mam, tmp_path):
     lines = r.err.strip().splitlines()
     assert r.code == 1 and len(lines) == 1
     assert "fold 9 does not exist" in lines[0] and "it has folds 1, 2, 3, 4, 5" in lines[0], r.err
+
+
+def test_roles_swapped_in_rank_layers_and_evaluate(tiny, mam, tmp_path):
+    """A speech model where the text source belongs (and the reverse) is one line saying each model's role."""
+    text, speech = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    r = mam("rank-layers", speech, text, "--data", LJ_DATA.replace("../", f"{Path(__file__).parents[2]}/"))
+    assert r.code == 1 and len(r.err.strip().splitlines()) == 1 and "swap the two arguments" in r.err, r.err
+    r = mam("evaluate", speech, "--data", LJ_DATA.replace("../", f"{Path(__file__).parents[2]}/"), "--limit", "1",
+            "--source", speech, "--lam", "0.1")
+    assert r.code == 1 and len(r.err.strip().splitlines()) == 1 and "source" in r.err, r.err
