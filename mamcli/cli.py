@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from typer._click.core import ParameterSource
+from typer._click.exceptions import NoArgsIsHelpError
 
 from mamcli.errors import Interrupted, MamError
 from mamcli.metrics import NORMALISERS, RANK_METRICS
@@ -870,7 +871,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         usage = getattr(e, "format_message", None)
         if callable(usage) and isinstance(getattr(e, "exit_code", None), int):  # usage errors (typer's own click)
-            err.print(f"mam: error: {usage()}", markup=False, soft_wrap=True)
+            # `mam` or `mam merge` alone: the help itself, not dressed as an error line
+            err.print(usage() if isinstance(e, NoArgsIsHelpError) else f"mam: error: {usage()}", markup=False,
+                      soft_wrap=True)
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
         if debug:  # a bug, not bad input: still one line, with the way to the traceback
             raise
