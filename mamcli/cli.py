@@ -69,6 +69,8 @@ LanguageOpt = Annotated[str | None, typer.Option("--language", help="Multilingua
 
 
 OutDtype = _choices("OutDtype", "fp32", "fp16", "bf16")  # merge.OUT_DTYPES
+MixedPrecision = _choices("MixedPrecision", "no", "fp16", "bf16")  # finetune.MIXED_PRECISION (Accelerate's)
+LogWith = _choices("LogWith", "tensorboard")  # finetune.TRACKERS
 
 
 def _finite(value: float | None) -> float | None:
@@ -699,6 +701,14 @@ def finetune_cmd(
     = False,
     language: LanguageOpt = None,
     beams: Annotated[int, typer.Option("--beams", min=1, help="Whisper: beam width of the dev decoding.")] = 1,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", min=0.0, callback=_finite,
+                                                 help="Clip the gradients' total norm to this before each "
+                                                 "optimizer step (0: no clipping).")] = 1.0,
+    mixed_precision: Annotated[MixedPrecision, typer.Option("--mixed-precision", help="Accelerate's autocast of "
+                                                            "the forward passes; fp16 needs a GPU, bf16 also runs "
+                                                            "on the CPU.")] = MixedPrecision.no,
+    log_with: Annotated[LogWith | None, typer.Option("--log-with", help="Also log every step to this tracker "
+                                                     "(Accelerate's; needs its package).")] = None,
     device: DeviceOpt = "auto",
     fmt: FormatOpt = Format.table,
     arch_map: ArchMapOpt = None,
@@ -725,7 +735,9 @@ def finetune_cmd(
                                batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
                                freeze_feature_encoder=freeze_feature_encoder, seed=seed, max_steps=max_steps,
                                checkpoint_every=checkpoint_every, device=device, normalizer=normalizer.value,
-                               freeze_decoder=freeze_decoder, language=language, beams=beams)
+                               freeze_decoder=freeze_decoder, language=language, beams=beams,
+                               max_grad_norm=max_grad_norm, mixed_precision=mixed_precision.value,
+                               log_with=log_with.value if log_with else None)
         corpus = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
         train, dev = corpus.part("train"), corpus.part("dev")
         report = finetune(tgt, train, dev, opts, out, src, resume=resume, force=force,

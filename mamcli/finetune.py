@@ -9,18 +9,21 @@ Three kinds of head train here: CTC (the wav2vec2 family), sequence to sequence 
 on the transcript tokens after Whisper's decoder prompt) and audio classification. Only encoder
 attention is ever merged; Whisper's decoder never sees a λ.
 
-Runs are resumable: the state (weights, λ logits, optimizer, scheduler, RNG, the position in the epoch
-and the epoch's loss so far) lives in a hidden sibling of the output, ``.DIR.mam-run/``, so a resumed
-run ends where an uninterrupted one would, and DIR itself is written once, whole, at the end: an
-existing DIR (``--force``) is replaced only then.
+Runs are resumable: the state lives in a hidden sibling of the output, ``.DIR.mam-run/``: Accelerate's
+``save_state`` folder (weights with the λ logits, optimizer, scheduler, gradient scaler, every RNG of every
+process) and ``run.json`` (the position in the epoch, the epoch's loss so far), so a resumed run ends where an
+uninterrupted one would. Every optimizer step appends a row to ``metrics.jsonl`` there. DIR itself is written
+once, whole, at the end (with ``metrics.jsonl``): an existing DIR (``--force``) is replaced only then.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -58,11 +61,18 @@ from mamcli.report import peak_rss_mib, versions, write_json
 from mamcli.tasks import Task, TaskOptions, make
 from mamcli.writer import REPORT_FILE, atomic_output_dir, check_output_dir, hash_tree, output_lock
 
-RUN_FILES = frozenset({"state.pt", "best.pt", "state.pt.tmp", "best.pt.tmp"})  # all a run folder ever holds
+RUN_FILE = "run.json"  # the run's position; names the save_state folder it goes with (written last: the commit)
+METRICS_FILE = "metrics.jsonl"  # one JSON object per optimizer step, copied into the output
+TENSORBOARD_DIR = "tensorboard"  # --log-with tensorboard: event files, copied into the output
+RUN_FILES = frozenset({RUN_FILE, f"{RUN_FILE}.tmp", "best.pt", "best.pt.tmp", METRICS_FILE, f"{METRICS_FILE}.tmp",
+                       TENSORBOARD_DIR})  # all a run folder ever holds, besides the state folders
+STATE_DIR = re.compile(r"state-\d+")  # Accelerate's save_state folders, numbered by save
+MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's
+TRACKERS = {"tensorboard": ("torch.utils.tensorboard", "tensorboardX")}  # --log-with → modules, any one will do
 # convolutional front ends of models that lack transformers' freeze_feature_encoder(), below the arch prefix
 FRONT_ENDS: dict[str, tuple[str, ...]] = {"whisper": ("encoder.conv1", "encoder.conv2")}
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # deferred to the end of the optimizer step while training
-RESUME_MAY_CHANGE = ("max_steps", "checkpoint_every", "device")  # every other option must match on --resume
+RESUME_MAY_CHANGE = ("max_steps", "checkpoint_every", "device", "log_with")  # the others must match on --resume
 
 
 @dataclass
@@ -89,6 +99,9 @@ class FinetuneOptions:
     checkpoint_every: int = 50
     device: str = "cpu"
     normalizer: str = "auto"  # the task's default: whisper for Whisper, basic for CTC (shapes CTC's targets too)
+    max_grad_norm: float | None = 1.0  # clip the gradients' total norm to this (0 or None: no clipping)
+    mixed_precision: str = "no"  # Accelerate's: no, fp16 (a GPU only), bf16
+    log_with: str | None = None  # "tensorboard": Accelerate's tracker, beside the run and then in DIR
 
     def __post_init__(self) -> None:
         """Bad numbers are one line however the options were built (the CLI bounds them as well)."""
@@ -108,6 +121,14 @@ class FinetuneOptions:
             raise MamError(f"--warmup must be 0 or more; got {self.warmup}")
         if self.lam_init is not None and not (math.isfinite(self.lam_init) and 0 <= self.lam_init <= 1):
             raise MamError(f"--lam-init must lie in [0, 1]; got {self.lam_init}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise MamError(f"--max-grad-norm must be a finite number, 0 or more (0: no clipping); "
+                           f"got {self.max_grad_norm}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise MamError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}; "
+                           f"got {self.mixed_precision!r}")
+        if self.log_with is not None and self.log_with not in TRACKERS:
+            raise MamError(f"--log-with must be one of {', '.join(TRACKERS)}; got {self.log_with!r}")
 
 
 class LamMerge(nn.Module):
@@ -269,6 +290,7 @@ class RunState:
     options: dict[str, Any] = field(default_factory=dict)  # what a resume must match (not RESUME_MAY_CHANGE)
     loss_sum: list[float] = field(default_factory=list)  # per process: the current epoch's loss so far
     loss_count: list[int] = field(default_factory=list)
+    saves: int = 0  # checkpoints written; the latest lives in state-<saves>/
 
 
 def run_dir(out: Path) -> Path:
@@ -277,23 +299,113 @@ def run_dir(out: Path) -> Path:
     return out.with_name(f".{name}.mam-run")
 
 
-def _numpy_rng() -> dict[str, Any]:
-    """numpy's global RNG (transformers' SpecAugment masks draw from it) as tensors and numbers,
-    so the checkpoint loads with weights_only=True."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached": float(cached)}
+def _ours(path: Path) -> bool:
+    """Whether a run folder's entry is one that mam writes there."""
+    return path.name in RUN_FILES or (STATE_DIR.fullmatch(path.name) is not None and path.is_dir())
 
 
-def _restore_numpy_rng(d: dict[str, Any]) -> None:
-    np.random.set_state(("MT19937", d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"]))
+def _read_run(work: Path) -> RunState:
+    try:
+        return RunState(**json.loads((work / RUN_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise MamError(f"cannot resume: {work / RUN_FILE} is unreadable ({type(e).__name__})") from None
 
 
-def _save_state(path: Path, model: nn.Module, opt: Any, sched: Any, st: RunState) -> None:
+def _write_run(work: Path, st: RunState) -> None:
+    """The commit point of a checkpoint: until it is replaced, the previous state folder stays the one resumed."""
+    tmp = work / f"{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(asdict(st)))
+    tmp.replace(work / RUN_FILE)
+
+
+def _load_state(acc: Any, folder: Path) -> None:
+    """Accelerate's ``load_state``: weights from safetensors, the rest through ``torch.load(weights_only=True)``
+    (mam registers no custom objects, the one thing Accelerate unpickles freely). A file that is not plain
+    tensors and numbers is refused, not run. Accelerate only logs an RNG state it cannot restore; a resume
+    that is not bit-identical is an error here."""
+    from accelerate.utils import load
+
+    try:
+        acc.load_state(str(folder))
+        saved = load(folder / f"random_states_{acc.process_index}.pkl")
+    except Exception as e:  # whatever the files hold, the answer is one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MamError(f"cannot resume from {folder}: {first}") from None
+    restored = torch.equal(saved["torch_manual_seed"], torch.get_rng_state())
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" in saved:  # one state per GPU, as many GPUs
+        cuda, now = saved["torch_cuda_manual_seed"], torch.cuda.get_rng_state_all()
+        restored &= len(cuda) == len(now) and all(torch.equal(a, b) for a, b in zip(cuda, now, strict=True))
+    if not restored:
+        raise MamError(f"cannot resume from {folder}: its random state was not restored")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to the saved step: the steps after it are run again on --resume (and logged again)."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # the half-written last line of a killed run
+            continue
+        if row.get("step", math.inf) <= step:
+            rows.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(), "numpy_rng": _numpy_rng(), "run": json.dumps(asdict(st))}, tmp)
+    tmp.write_text("".join(rows))
     tmp.replace(path)
+
+
+def _tracker_missing(name: str) -> str | None:
+    """The package an Accelerate tracker needs when none of its modules imports (Accelerate would drop the
+    tracker silently); None when one does."""
+    for module in TRACKERS[name]:
+        try:
+            importlib.import_module(module)
+            return None
+        except ImportError:
+            continue
+    return name
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class _StepBar:
+    """A rich bar over the optimizer steps with the last step's loss and learning rate, on a terminal's stderr.
+    Lines said meanwhile go out with the bar lifted, so that neither is cut."""
+
+    def __init__(self, console: Any, total: int, done: int, say: Callable[[str], None]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}"), TimeRemainingColumn(),
+                                 console=console, transient=True)
+        self.task = self.progress.add_task("training", total=total, completed=done, loss="-", lr="-")
+        self.lines = say
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=True)
+
+    def say(self, msg: str) -> None:
+        self.progress.stop()
+        self.lines(msg)
+        self.progress.start()
+
+
+@contextmanager
+def _step_bar(show: bool, total: int, done: int, say: Callable[[str], None]) -> Iterator[_StepBar | None]:
+    """The bar on a terminal; None elsewhere (a log gets a line every 10 steps instead)."""
+    console = _stderr_console() if show else None
+    if console is None or not console.is_terminal:
+        yield None
+        return
+    bar = _StepBar(console, total, done, say)
+    with bar.progress:
+        yield bar
 
 
 class _StopRequests:
@@ -368,15 +480,20 @@ def finetune(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Fine
     work = run_dir(out)
     inputs = [target.root, *([source.root] if source else []), train.root, *([dev.root] if dev else [])]
     # every process checks before any process changes anything; only the main process changes files
-    acc = _accelerator(opts.device)
+    missing = _tracker_missing(opts.log_with) if opts.log_with else None
+    if missing:
+        raise MamError(f"--log-with {opts.log_with} needs the {missing} package (pip install {missing})")
+    acc = _accelerator(opts, work)
+    if opts.mixed_precision == "fp16" and acc.device.type == "cpu":  # Accelerate would train in float32 unasked
+        raise MamError("--mixed-precision fp16 needs a GPU and this run trains on the CPU; use bf16 or no")
     say = progress if progress is not None and acc.is_main_process else _quiet  # one voice on stderr
-    if resume and not (work / "state.pt").is_file():
+    if resume and not (work / RUN_FILE).is_file():
         raise MamError(f"nothing to resume for {out}: no saved run in {work}")
     if not resume and work.exists():
         if not force:
             raise MamError(f"an unfinished run for {out} is kept in {work}: pass --resume to continue it or "
                            "--force to start over")
-        if not work.is_dir() or any(p.name not in RUN_FILES for p in work.iterdir()):
+        if not work.is_dir() or not all(_ours(p) for p in work.iterdir()):
             raise MamError(f"{work} holds files mam did not write; remove it yourself")
     replace = force or resume  # a resumed run was allowed to replace DIR when it started
     check_output_dir(out, replace, inputs)
@@ -394,9 +511,9 @@ def finetune(target: Checkpoint, train: Dataset, dev: Dataset | None, opts: Fine
         acc.wait_for_everyone()
         try:
             return _run(target, task, train, dev, opts, out, work, source, resume, replace, inputs, families,
-                        say, started, acc, command)
+                        say, progress is not None and acc.is_main_process, started, acc, command)
         except BaseException:
-            if created and acc.is_main_process and not (work / "state.pt").is_file():
+            if created and acc.is_main_process and not (work / RUN_FILE).is_file():
                 shutil.rmtree(work, ignore_errors=True)  # failed before any progress: leave nothing
             raise
 
@@ -435,9 +552,19 @@ def _non_finite(loss: float, step: int, batch: list[Clip], last_good: list[Clip]
     return MamError(f"{where}, though no clip of the batch does alone: lower --lr (now {lr:g}) or --batch-size")
 
 
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    """The total 2-norm of the gradients the optimizer is about to apply."""
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+def _finite(x: float) -> float | None:
+    """A number for JSON: an overflowed fp16 gradient (a skipped step) is null, not ``Infinity``."""
+    return x if math.isfinite(x) else None
+
+
 def _run(target: Checkpoint, task: Task, train: Dataset, dev: Dataset | None, opts: FinetuneOptions, out: Path,
          work: Path, source: Checkpoint | None, resume: bool, replace: bool, inputs: list[Path],
-         families: tuple[Family, ...], say: Callable[[str], None], started: float, acc: Any,
+         families: tuple[Family, ...], say: Callable[[str], None], show_bar: bool, started: float, acc: Any,
          command: str | None) -> dict[str, Any]:
 
     torch.manual_seed(opts.seed)
@@ -466,6 +593,7 @@ def _run(target: Checkpoint, task: Task, train: Dataset, dev: Dataset | None, op
 
     lam_params = {id(bank.logits)} if bank is not None else set()
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in lam_params]
+    trainable = params + ([bank.logits] if bank is not None else [])  # what the gradient norm covers
     groups: list[dict[str, Any]] = [{"params": params, "lr": opts.lr, "weight_decay": opts.weight_decay}]
     if bank is not None:
         groups.append({"params": [bank.logits], "lr": opts.lam_lr, "weight_decay": 0.0})
@@ -476,37 +604,54 @@ def _run(target: Checkpoint, task: Task, train: Dataset, dev: Dataset | None, op
     groups_per_epoch = math.ceil(math.ceil(len(clips) / opts.batch_size) / n_proc)
     total_steps = math.ceil(groups_per_epoch / opts.grad_accum) * opts.epochs
     tf = _transformers()
-    # counted in real optimizer steps, so not handed to Accelerate (which would step it n_proc times)
+    # counted in real optimizer steps (the Accelerator steps it once per call, not once per process)
     scheduler = tf.get_linear_schedule_with_warmup(optimizer, opts.warmup, max(total_steps, 1))
-    wrapped, optimizer = acc.prepare(model, optimizer)
+    wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(opts).items() if k not in RESUME_MAY_CHANGE}
     st = RunState(processes=n_proc, options=recipe, loss_sum=[0.0] * n_proc, loss_count=[0] * n_proc)
+    metrics = work / METRICS_FILE
     if resume:
-        saved = torch.load(work / "state.pt", map_location=model.device, weights_only=True)
-        st = RunState(**json.loads(saved["run"]))
+        st = _read_run(work)
         if st.processes != n_proc:
             raise MamError(f"the run in {work} was started with {st.processes} process(es); resume it with as many")
         changed = [k for k in recipe if st.options.get(k) != recipe[k]]
         if changed:
             raise MamError(f"--resume with other options than the run started with ({', '.join(changed)}); "
                            "give the same ones, or --force to start over")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        _restore_numpy_rng(saved["numpy_rng"])
+        _load_state(acc, work / f"state-{st.saves}")
+        if acc.is_main_process:
+            _trim_metrics(metrics, st.step)
+            for stray in work.glob("state-*"):  # a checkpoint cut short before its run.json was written
+                if stray.name != f"state-{st.saves}":
+                    shutil.rmtree(stray, ignore_errors=True)
+        acc.wait_for_everyone()
         say(f"resuming at epoch {st.epoch + 1}, step {st.step}")
+    saved_at = (st.epoch, st.step, st.batch_in_epoch) if resume else None
     dev_opts = EvalOptions(task=opts.task, normalizer=opts.normalizer, beams=opts.beams, language=opts.language)
     evaluator = Evaluator(target, dev, dev_opts, am=am) if dev is not None else None
+    if opts.log_with:  # a resumed run hides the events its replayed steps logged before
+        acc.init_trackers(TENSORBOARD_DIR, init_kwargs={opts.log_with: {"purge_step": st.step + 1}})
 
     def checkpoint() -> None:
+        """Accelerate's save_state into a new folder, then run.json naming it: a crash mid-save resumes the last."""
+        nonlocal saved_at
+        if saved_at == (st.epoch, st.step, st.batch_in_epoch):  # nothing new since the last save
+            return
         if n_proc > 1:  # every process's share of the epoch's loss goes into the one saved state
             mine = torch.tensor([st.loss_sum[rank], st.loss_count[rank]], dtype=torch.float64, device=acc.device)
             every = acc.gather(mine).view(n_proc, 2).cpu()
             st.loss_sum, st.loss_count = every[:, 0].tolist(), [int(n) for n in every[:, 1].tolist()]
-        if acc.is_main_process:
-            _save_state(work / "state.pt", model, optimizer, scheduler, st)
+        st.saves += 1
+        folder = work / f"state-{st.saves}"
+        acc.save_state(str(folder))  # every process its RNG states, the main process the rest
         acc.wait_for_everyone()
+        if acc.is_main_process:
+            _write_run(work, st)
+            for old in work.glob("state-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        saved_at = (st.epoch, st.step, st.batch_in_epoch)
 
     def snapshot_lams() -> None:
         if bank is not None:
@@ -516,12 +661,42 @@ def _run(target: Checkpoint, task: Task, train: Dataset, dev: Dataset | None, op
         labels = task.labels(am, [c.item for c in batch]).to(model.device)
         return wrapped(**am.inputs([c.audio for c in batch]), labels=labels).loss
 
+    def clip_gradients() -> tuple[float, float]:
+        """The gradients' total norm before and after clipping (fp16: unscaled first)."""
+        if opts.max_grad_norm:
+            raw = float(acc.clip_grad_norm_(trainable, opts.max_grad_norm))
+            return raw, _grad_norm(trainable)
+        acc.unscale_gradients()
+        raw = _grad_norm(trainable)
+        return raw, raw
+
+    def log_step(loss: float, lrs: list[float], norms: tuple[float, float], bar: _StepBar | None) -> None:
+        """A row of metrics.jsonl (and of the tracker), then the bar or, in a log, a line every 10 steps."""
+        if n_proc > 1:  # the step is every process's micro-batches
+            loss = float(acc.reduce(torch.tensor(loss, dtype=torch.float64, device=acc.device), "mean"))
+        row: dict[str, Any] = {"step": st.step, "epoch": st.epoch + 1, "loss": loss, "lr": lrs[0],
+                               "grad_norm": _finite(norms[0]), "grad_norm_clipped": _finite(norms[1])}
+        if bank is not None:
+            row.update(lam_lr=lrs[1], lams=bank.values())
+        if acc.is_main_process:
+            with metrics.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if opts.log_with:
+            flat = {k: v for k, v in row.items() if isinstance(v, float)} | {
+                f"lam/{k}": v for k, v in (row.get("lams") or {}).items()}
+            acc.log(flat, step=st.step)
+        if bar is not None:
+            bar.update(st.step, loss, lrs[0])
+        elif st.step % 10 == 0:
+            lam_note = f", λ {row['lams']}" if bank is not None else ""
+            say(f"epoch {st.epoch + 1}, step {st.step}/{total_steps}: loss {loss:.4f}, lr {lrs[0]:.3g}{lam_note}")
+
     stop = _StopRequests(say)
 
-    def stop_if_asked() -> None:
+    def stop_if_asked(tell: Callable[[str], None]) -> None:
         if stop.requested(acc):
             checkpoint()
-            say(f"interrupted: the run is saved in {work}; continue with --resume (step {st.step})")
+            tell(f"interrupted: the run is saved in {work}; continue with --resume (step {st.step})")
             stop.hand_on()
 
     if bank is not None and not st.trajectory:
@@ -529,68 +704,81 @@ def _run(target: Checkpoint, task: Task, train: Dataset, dev: Dataset | None, op
     model.train()
     stopped = False
     last_good: list[Clip] | None = None
+    step_loss, step_batches = 0.0, 0
     say(f"training on {len(clips)} clips: {total_steps} optimizer steps")
-    with stop.installed():
-        while st.epoch < opts.epochs and not stopped:
-            order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(opts.seed + st.epoch)).tolist()
-            epoch_batches = [[clips[k] for k in order[s:s + opts.batch_size]]
-                             for s in range(0, len(order), opts.batch_size)]
-            for g in range(st.batch_in_epoch, len(epoch_batches), n_proc):
-                batch = epoch_batches[(g + rank) % len(epoch_batches)]  # the last group wraps, as samplers pad
-                st.batch_in_epoch = min(g + n_proc, len(epoch_batches))
-                groups_done = -(-st.batch_in_epoch // n_proc)
-                steps_now = groups_done % opts.grad_accum == 0 or st.batch_in_epoch == len(epoch_batches)
-                with nullcontext() if steps_now else acc.no_sync(wrapped):  # all-reduce once per step
-                    loss = loss_of(batch)
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise _non_finite(value, st.step, batch, last_good, model, loss_of, opts.lr)
-                    acc.backward(loss / opts.grad_accum)
-                last_good = batch
-                st.loss_sum[rank] += value
-                st.loss_count[rank] += 1
-                if steps_now:
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    st.step += 1
-                    snapshot_lams()
-                    if st.step % 10 == 0:
-                        lam_note = f", λ {bank.values()}" if bank is not None else ""
-                        say(f"epoch {st.epoch + 1}, step {st.step}/{total_steps}: loss {value:.4f}{lam_note}")
-                    if st.step % opts.checkpoint_every == 0:
-                        checkpoint()
-                    stop_if_asked()
-                    if opts.max_steps is not None and st.step >= opts.max_steps:
-                        stopped = True
-                        break
-            if stopped and st.batch_in_epoch < len(epoch_batches):
-                break
-            # every process has batches (the last group wraps round): the mean of their means
-            mean_loss = acc.reduce(torch.tensor(st.loss_sum[rank] / st.loss_count[rank], device=acc.device),
-                                   "mean") if st.loss_count[rank] else None
-            entry: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step,
-                                     "train_loss": None if mean_loss is None else float(mean_loss)}
-            if evaluator is not None and acc.is_main_process:
-                scores = evaluator.evaluate()
-                entry["dev_error"] = scores["error"]
-                if st.best is None or scores["error"] < st.best:
-                    st.best = scores["error"]
-                    _save_best(work, model, bank, plan, store)
-                say(f"epoch {st.epoch + 1}: loss {entry['train_loss']:.4f}, dev error {scores['error']:.4f}")
-            st.history.append(entry)
-            st.epoch += 1
-            st.batch_in_epoch = 0
-            st.loss_sum, st.loss_count = [0.0] * n_proc, [0] * n_proc
-            checkpoint()
-            stop_if_asked()
-    checkpoint()
+    try:
+        with stop.installed(), _step_bar(show_bar, total_steps, st.step, say) as bar:
+            tell = say if bar is None else bar.say
+            while st.epoch < opts.epochs and not stopped:
+                order = torch.randperm(len(clips),
+                                       generator=torch.Generator().manual_seed(opts.seed + st.epoch)).tolist()
+                epoch_batches = [[clips[k] for k in order[s:s + opts.batch_size]]
+                                 for s in range(0, len(order), opts.batch_size)]
+                for g in range(st.batch_in_epoch, len(epoch_batches), n_proc):
+                    batch = epoch_batches[(g + rank) % len(epoch_batches)]  # the last group wraps, as samplers pad
+                    st.batch_in_epoch = min(g + n_proc, len(epoch_batches))
+                    groups_done = -(-st.batch_in_epoch // n_proc)
+                    steps_now = groups_done % opts.grad_accum == 0 or st.batch_in_epoch == len(epoch_batches)
+                    with nullcontext() if steps_now else acc.no_sync(wrapped):  # all-reduce once per step
+                        loss = loss_of(batch)
+                        value = float(loss.detach())
+                        if not math.isfinite(value):
+                            raise _non_finite(value, st.step, batch, last_good, model, loss_of, opts.lr)
+                        acc.backward(loss / opts.grad_accum)
+                    last_good = batch
+                    st.loss_sum[rank] += value
+                    st.loss_count[rank] += 1
+                    step_loss, step_batches = step_loss + value, step_batches + 1
+                    if steps_now:
+                        norms = clip_gradients()
+                        if not math.isfinite(norms[0]) and acc.scaler is None:  # fp16's scaler skips such a step
+                            raise MamError(f"the gradients became non-finite at step {st.step + 1} (loss {value:g}): "
+                                           f"the weights diverged; lower --lr (now {opts.lr:g}) or add --warmup")
+                        lrs = [group["lr"] for group in optimizer.param_groups]  # what this step applies
+                        optimizer.step()
+                        if not optimizer.step_was_skipped:  # fp16: overflowed gradients skip the step
+                            scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        st.step += 1
+                        snapshot_lams()
+                        log_step(step_loss / step_batches, lrs, norms, bar)
+                        step_loss, step_batches = 0.0, 0
+                        if st.step % opts.checkpoint_every == 0:
+                            checkpoint()
+                        stop_if_asked(tell)
+                        if opts.max_steps is not None and st.step >= opts.max_steps:
+                            stopped = True
+                            break
+                if stopped and st.batch_in_epoch < len(epoch_batches):
+                    break
+                # every process has batches (the last group wraps round): the mean of their means
+                mean_loss = acc.reduce(torch.tensor(st.loss_sum[rank] / st.loss_count[rank], device=acc.device),
+                                       "mean") if st.loss_count[rank] else None
+                entry: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step,
+                                         "train_loss": None if mean_loss is None else float(mean_loss)}
+                if evaluator is not None and acc.is_main_process:
+                    scores = evaluator.evaluate()
+                    entry["dev_error"] = scores["error"]
+                    if st.best is None or scores["error"] < st.best:
+                        st.best = scores["error"]
+                        _save_best(work, model, bank, plan, store)
+                    tell(f"epoch {st.epoch + 1}: loss {entry['train_loss']:.4f}, dev error {scores['error']:.4f}")
+                st.history.append(entry)
+                st.epoch += 1
+                st.batch_in_epoch = 0
+                st.loss_sum, st.loss_count = [0.0] * n_proc, [0] * n_proc
+                checkpoint()
+                stop_if_asked(tell)
+        checkpoint()
+    finally:
+        for tracker in acc.trackers:  # not end_training(): that also ends the process group, still needed
+            tracker.finish()
     status = "stopped" if stopped and st.epoch < opts.epochs else "done"
     if not acc.is_main_process:  # the main process writes the output and the report
         return {"command": "finetune", "status": status, "process": rank}
     if status == "stopped":
         return {"command": "finetune", "status": status, "step": st.step, "epoch": st.epoch, "resume": str(out),
-                "state": str(work)}
+                "state": str(work), "metrics": str(metrics)}
     if evaluator is None or not (work / "best.pt").is_file():
         _save_best(work, model, bank, plan, store)
     best = torch.load(work / "best.pt", weights_only=True)
@@ -605,26 +793,34 @@ def _run(target: Checkpoint, task: Task, train: Dataset, dev: Dataset | None, op
         "peak_rss_mib": peak_rss_mib(),
     }
     lams = json.loads(best["lams_json"]) if best.get("lams_json") else None
-    _write_output(out, replace, inputs, target, am, best["state"], report, lams, st.trajectory, command)
+    _write_output(out, replace, inputs, target, am, best["state"], report, lams, st.trajectory, command,
+                  [metrics, work / TENSORBOARD_DIR])
     shutil.rmtree(work, ignore_errors=True)
     report["output_dir"] = str(out)
     return report
 
 
-def _accelerator(device: str) -> Any:
+def _accelerator(opts: FinetuneOptions, work: Path) -> Any:
     """Hugging Face Accelerate decides the device under a launcher (``accelerate launch``, ``torchrun``);
     alone, --device does. Launched on a machine without CUDA, the processes train on CPUs over gloo
-    (Accelerate stays single-process there unless told ``cpu``)."""
+    (Accelerate stays single-process there unless told ``cpu``). The scheduler is stepped once per real
+    optimizer step, never once per process; trackers log into the run folder."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = not torch.cuda.is_available() if launched else resolve_device(device).type == "cpu"
+    cpu = not torch.cuda.is_available() if launched else resolve_device(opts.device).type == "cpu"
+    if not launched:  # Accelerate's state is process-wide and refuses another precision or device: start afresh
+        AcceleratorState._reset_state(reset_partial_state=True)
     # LayerDrop (HuBERT/wav2vec2 fine-tuning configs: 0.1) leaves whole layers, and their λ, without
     # gradients in some steps; DDP must look for them, as transformers' Trainer does by default
     # the other processes wait while the main one evaluates dev: give that wait more than the default
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True),
                 InitProcessGroupKwargs(timeout=timedelta(hours=2))]
-    return Accelerator(cpu=cpu, kwargs_handlers=handlers)
+    return Accelerator(cpu=cpu, mixed_precision=opts.mixed_precision, step_scheduler_with_optimizer=False,
+                       log_with=opts.log_with, project_config=ProjectConfiguration(str(work), str(work)),
+                       kwargs_handlers=handlers)
 
 
 def _save_best(work: Path, model: nn.Module, bank: LamBank | None, plan: MergePlan | None,
@@ -639,9 +835,15 @@ def _save_best(work: Path, model: nn.Module, bank: LamBank | None, plan: MergePl
 
 def _write_output(out: Path, replace: bool, inputs: list[Path], target: Checkpoint, am: AudioModel,
                   state: dict[str, torch.Tensor], report: dict[str, Any], lams: dict[str, Any] | None,
-                  trajectory: list[dict[str, Any]], command: str | None) -> None:
-    """The final, ordinary checkpoint, written beside ``out`` and renamed into place once complete."""
+                  trajectory: list[dict[str, Any]], command: str | None, logs: list[Path]) -> None:
+    """The final, ordinary checkpoint, written beside ``out`` and renamed into place once complete, with the
+    run's ``logs`` (metrics.jsonl, tracker folders) so the hashes `mam verify` checks cover them."""
     with atomic_output_dir(out, force=replace, inputs=inputs, lock=False) as tmp:
+        for log in logs:
+            if log.is_dir():
+                shutil.copytree(log, tmp / log.name)
+            elif log.is_file():
+                shutil.copy2(log, tmp / log.name)
         if target.fmt == "beats":  # the official layout, and a safetensors copy
             from safetensors.torch import save_file
 

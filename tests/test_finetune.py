@@ -98,7 +98,7 @@ def test_resumed_run_matches_uninterrupted(tiny, tmp_path):
         straight = finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "straight", s)
         stopped = finetune(t, _digits(6), None, FinetuneOptions(**base, max_steps=4), tmp_path / "resumed", s)
         assert stopped["status"] == "stopped" and stopped["step"] == 4  # mid-epoch 2 (3 batches an epoch)
-        assert not (tmp_path / "resumed").exists() and (run_dir(tmp_path / "resumed") / "state.pt").is_file()
+        assert not (tmp_path / "resumed").exists() and (run_dir(tmp_path / "resumed") / "run.json").is_file()
         with pytest.raises(MamError, match="--resume"):
             finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s)
         with pytest.raises(MamError, match=r"other options .*\(lr\)"):  # a resume cannot change the recipe
@@ -149,8 +149,8 @@ def test_signal_mid_step_saves_the_run_and_resume_equals_straight(signum, raised
                 signal.signal(n, h)
         assert len(calls) == 5  # the step's second micro-batch still ran, nothing after it
         monkeypatch.setattr(AudioModel, "inputs", inputs)
-        saved = torch.load(run_dir(tmp_path / "out") / "state.pt", weights_only=True)
-        assert json.loads(saved["run"])["step"] == 3 and not (tmp_path / "out").exists()
+        saved = json.loads((run_dir(tmp_path / "out") / "run.json").read_text())
+        assert saved["step"] == 3 and not (tmp_path / "out").exists()
         resumed = finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "out", s, resume=True)
     a, b = load_dir(tmp_path / "straight"), load_dir(tmp_path / "out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

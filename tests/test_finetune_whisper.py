@@ -86,7 +86,7 @@ def test_whisper_resumed_run_equals_straight(tiny, tmp_path):
     with resolve(str(tgt)) as t, resolve(str(src)) as s:
         straight = finetune(t, clips, None, FinetuneOptions(**base), tmp_path / "straight", s)
         stopped = finetune(t, clips, None, FinetuneOptions(**base, max_steps=1), tmp_path / "resumed", s)
-        assert stopped["status"] == "stopped" and (run_dir(tmp_path / "resumed") / "state.pt").is_file()
+        assert stopped["status"] == "stopped" and (run_dir(tmp_path / "resumed") / "run.json").is_file()
         resumed = finetune(t, clips, None, FinetuneOptions(**base), tmp_path / "resumed", s, resume=True)
     a, b = load_dir(tmp_path / "straight"), load_dir(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
