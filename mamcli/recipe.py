@@ -71,7 +71,7 @@ def load_recipe(path: Path) -> Recipe:
             values[name] = _as_list_spec(values[name])
     lams = values.get("lams")
     if isinstance(lams, list):  # one list for every part merged
-        lams = dict.fromkeys((values.get("parts") or "q,k,v").split(","), lams)
+        lams = dict.fromkeys((p.strip() for p in (values.get("parts") or "q,k,v").split(",")), lams)
     if isinstance(lams, dict):
         values["lams"] = table_to_lams(lams, path)
     elif isinstance(lams, str):
@@ -83,19 +83,13 @@ def load_recipe(path: Path) -> Recipe:
 
 def table_to_lams(table: dict[str, Any], path: Path) -> dict[int, dict[str, float]]:
     """``{q: [λ0, λ1, …], k: …}`` (the report's per-part table) → ``{layer: {part: λ}}`` of non-zero λ."""
-    from mamcli.families import PARTS
-    from mamcli.layers import check_lam
+    from mamcli.schemas import LAM_TABLE, check
 
     lams: dict[int, dict[str, float]] = {}
-    for part, values in table.items():
-        if part.strip() not in PARTS or not isinstance(values, list):
-            raise MamError(f"recipe {path}: lams must map parts ({', '.join(PARTS)}) to lists of λ per layer")
+    for part, values in check(LAM_TABLE, table, path, "recipe").items():
         for i, lam in enumerate(values):
-            if isinstance(lam, bool) or not isinstance(lam, int | float):
-                raise MamError(f"recipe {path}: λ of layer {i} part {part} is not a number")
             if lam:
-                what = f"recipe {path}: λ of layer {i} part {part}"
-                lams.setdefault(i, {})[part.strip()] = check_lam(float(lam), what)
+                lams.setdefault(i, {})[part] = float(lam)
     return lams
 
 

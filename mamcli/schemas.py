@@ -63,6 +63,7 @@ class ReportLams(_Open):
 
 
 LAMS = TypeAdapter(LamList | LamsFile | ReportLams)
+LAM_TABLE = TypeAdapter(LamTable)
 
 
 class ShardIndex(_Open):
