@@ -342,20 +342,21 @@ def atomic_output_dir(out: Path, force: bool = False, inputs: Iterable[Path] = (
     check_output_dir(out, force, inputs)
     with output_lock(out) if lock else contextlib.nullcontext():
         remove_stale(out, note)
+        own = glob.escape(_hidden_sibling(out, "")) + "*.mam-tmp"  # this process's temporary folder
+        old = out.with_name(_hidden_sibling(out, "mam-old"))
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=_hidden_sibling(out, ""), suffix=".mam-tmp", dir=out.parent))
-            tmp.chmod(0o777 & ~_umask())
-        except OSError as e:
-            raise MamError(f"cannot create output next to {out}: {e.strerror}") from None
-        try:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=_hidden_sibling(out, ""), suffix=".mam-tmp", dir=out.parent))
+                tmp.chmod(0o777 & ~_umask())
+            except OSError as e:
+                raise MamError(f"cannot create output next to {out}: {e.strerror}") from None
             yield tmp
             fsync_dir(tmp)
             if out.exists():  # it appeared while we worked, or --force: same rules as at the start
                 if not force:
                     raise MamError(f"{out} appeared while this run worked; pass --force to replace it")
                 check_replaceable(out, inputs)
-                old = out.with_name(_hidden_sibling(out, "mam-old"))
                 out.rename(old)
                 tmp.rename(out)
                 shutil.rmtree(old, ignore_errors=True)
@@ -363,7 +364,10 @@ def atomic_output_dir(out: Path, force: bool = False, inputs: Iterable[Path] = (
                 tmp.rename(out)
             fsync_dir(out.parent)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not out.exists():  # stopped between the two renames: the old output goes back
+                old.rename(out)
+            for p in out.parent.glob(own):  # by pattern: a signal may come before mkdtemp's name is kept
+                shutil.rmtree(p, ignore_errors=True)
             raise
 
 

@@ -253,3 +253,24 @@ def test_two_runs_started_together_on_one_output(tiny, mam, tmp_path):
         "another mam run is writing", "already exists", "appeared while this run worked")), refusal
     assert mam("verify", out).code == 0
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_a_signal_between_the_two_renames_puts_the_old_output_back(pair, mam, tmp_path, monkeypatch):
+    """--force moves the old output aside, then the new one in: stopped in between, the old one comes back."""
+    from mamcli.errors import Interrupted
+
+    out = tmp_path / "o"
+    assert mam("merge", *pair, "--lam", "0.1", "-o", out, "-q").code == 0
+    before = _tree(out)
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path) -> Path:
+        if self.name.endswith(".mam-tmp"):  # the second rename: the new output into place
+            raise Interrupted(signal.SIGTERM)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    r = mam("merge", *pair, "--lam", "0.3", "-o", out, "--force", "-q")
+    monkeypatch.undo()
+    assert r.code == 143, r.err
+    assert _tree(out) == before and [p.name for p in tmp_path.iterdir()] == ["o"]
