@@ -24,8 +24,8 @@ echo "== which layers look alike on $clips paired LJ Speech clips and transcript
 "$mam" rank-layers "$source" "$target" --data "ljspeech:$lj" --limit "$clips" --layer-map stride \
   --metric all --top-k 2 -o "$work/ranking.json" --format tsv
 
-echo "== λ sweep on all layers and on the top-2 SWD layers, picked on dev, reported on test (mam evaluate)" >&2
+echo "== λ sweep on all layers against noise of the text model's statistics, picked on dev, reported on test" >&2
 "$mam" evaluate "$target" --data "ljspeech:$lj" --limit "$clips" --dev-fraction 0.5 --source "$source" \
-  --layer-map stride --lam 0,0.05,0.1,0.2 --noise normal --pick-on-dev \
+  --layer-map stride --lam 0,0.05,0.1 --noise source --pick-on-dev \
   -o "$work/evaluate.json" --plot "$work/wer.png" --format table
 echo "(report: $work/evaluate.json, figure: $work/wer.png; greedy decoding, Whisper's English normaliser)" >&2
