@@ -670,6 +670,7 @@ def finetune_cmd(
                                                    help="Fixed λ (MAM) or starting λ (L-MAM).")] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="Layers merged (default: all).")] = None,
     per_part: Annotated[bool, typer.Option("--per-part", help="Separate λ for Q, K and V.")] = False,
+    layer_map: LayerMapOpt = None,
     parts: PartsOpt = "q,k,v",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
     lr: Annotated[float | None, typer.Option("--lr", callback=_positive,
@@ -730,6 +731,7 @@ def finetune_cmd(
         src = stack.enter_context(resolve(source)) if source else None
         head = resolve_task(task.value, tgt.config, tgt.spec)
         opts = FinetuneOptions(task=head.name, lam_init=lam_init, learnable_lam=learnable_lam, layers=layers,
+                               layer_map=layer_map,
                                per_part=per_part, parts=_parts(parts), epochs=epochs,
                                lr=lr if lr is not None else head.default_lr, lam_lr=lam_lr,
                                batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,

@@ -81,6 +81,7 @@ class FinetuneOptions:
     lam_init: float | None = None  # with a source: MAM (fixed) or the initial λ of L-MAM
     learnable_lam: bool = False
     layers: str | None = None
+    layer_map: str | None = None  # source layer per target layer, as for merge (sources of another depth)
     per_part: bool = False
     parts: tuple[str, ...] = ("q", "k", "v")
     epochs: int = 1
@@ -579,7 +580,8 @@ def _run(target: Checkpoint, task: Task, train: Dataset, dev: Dataset | None, op
     if source is not None:
         assert opts.lam_init is not None
         merger = InMemoryMerger(store, families)
-        plan = merger.plan(source, MergeOptions(lam=opts.lam_init, layers=opts.layers, parts=opts.parts))
+        plan = merger.plan(source, MergeOptions(lam=opts.lam_init, layers=opts.layers, parts=opts.parts,
+                                                layer_map=opts.layer_map))
         if opts.learnable_lam:
             bank = attach_learnable(model, plan, source, opts.lam_init, opts.per_part)
         else:  # MAM, then plain fine-tuning: the merged weights are the starting point

@@ -159,15 +159,18 @@ def test_signal_mid_step_saves_the_run_and_resume_equals_straight(signum, raised
     assert la == json.loads((tmp_path / "out" / "lams.json").read_text())
 
 
-def test_lams_replay_with_merge(tiny, mam, tmp_path):
-    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+@pytest.mark.parametrize("source_layers,layer_map", [(2, []), (4, ["--layer-map", "stride"])])
+def test_lams_replay_with_merge(source_layers, layer_map, tiny, mam, tmp_path):
+    """L-MAM's learned λ replay with `mam merge --lams`, also from a deeper source through a layer map."""
+    src, tgt = tiny("bert", layers=source_layers), tiny("hubert-ctc", layers=2)
     r = mam("finetune", tgt, "--data", FSDD, "--limit", "4", "--source", src, "--learnable-lam", "--lam-init",
             "0.2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-30", "--lam-lr", "0.5", "-o", tmp_path / "ft",
-            "-q")
+            "-q", *layer_map)
     assert r.code == 0, r.err
     # at lr 1e-30 the target weights cannot move in float32 (checked below), so replaying the learned λ on
     # the original target with `mam merge --lams` must give the baked checkpoint, bit for bit
-    assert mam("merge", src, tgt, "--lams", tmp_path / "ft" / "lams.json", "-o", tmp_path / "replay", "-q").code == 0
+    assert mam("merge", src, tgt, "--lams", tmp_path / "ft" / "lams.json", *layer_map, "-o", tmp_path / "replay",
+               "-q").code == 0
     ft, replay, original = load_dir(tmp_path / "ft"), load_dir(tmp_path / "replay"), load_dir(tgt)
     merged = [k for k in original if "attention." in k and k.endswith(("q_proj.weight", "k_proj.weight",
                                                                          "v_proj.weight"))]
