@@ -6,8 +6,8 @@
 #   bash benchmarks/results.sh STAGE ...       # some stages, in the order given
 #
 # Stages: ljs-zeroshot ljs-ranking (text -> speech, LJ Speech), esc10-finetune esc10-zeroshot (audio events,
-# ESC-10). Every mam call is logged with its wall time in
-# docs/results/runs.jsonl; fine-tuned checkpoints go to build/results/ (git-ignored).
+# ESC-10). Every mam call is logged with its wall time in docs/results/runs.jsonl; fine-tuned checkpoints go to
+# build/results/ (git-ignored).
 #
 # Threads: each stream runs single-threaded (OMP_NUM_THREADS=1, overridable). On this shared 2-core machine a
 # 2-thread torch process under load ran 2.5x slower than a 1-thread one (8-clip Whisper encoder forward: 6-8 s vs
@@ -79,13 +79,13 @@ ljs_ranking() {
 }
 
 # 3. Audio events: a Whisper-encoder classifier (new head) fine-tuned on ESC-10 folds 1-4 (its dev split picks the
-# best epoch), tested on fold 5. lr: the first run of this script used mam's default for audio events, 1e-3, for the
-# plain run; its dev error after epoch 1 was 0.828 (chance: 0.9), so it was stopped (its state file is kept in
-# docs/results/esc10-plain-lr1e-3-stopped.*) and every run uses 1e-4. MAM-initialised runs merge first (mam merge, the same λ and layer map), then
-# fine-tune plainly: `mam finetune` has no --layer-map, so --source cannot take the 12- or 6-layer sources (see
-# docs/results.md); for the same reason L-MAM (--learnable-lam) cannot run on these pairs.
+# best epoch), tested on fold 5. lr: the first run of this script used mam's default for audio events, 1e-3, for
+# the plain run; its dev error after epoch 1 was 0.828 (chance: 0.9), so it was stopped (its state file is kept in
+# docs/results/esc10-plain-lr1e-3-stopped.*) and every run uses 1e-4. MAM-initialised runs merge first (mam merge,
+# the same λ and layer map), then fine-tune plainly: `mam finetune` has no --layer-map, so --source cannot take the
+# 12- or 6-layer sources (see docs/results.md); for the same reason L-MAM (--learnable-lam) cannot run here.
 FT_AEC=(--task aec --data "$ESC10" --folds 1,2,3,4 "${SPLIT[@]}" --epochs 2 --lr 1e-4 --batch-size 8 -q --force)
-esc10_test() {  # RUN: copy the fine-tuning report, evaluate the classifier on fold 5
+esc10_test() {  # $1, a run's name: keep its fine-tuning report, evaluate its classifier on fold 5
     [ -f "$WORK/esc10-$1/mam_report.json" ] && cp "$WORK/esc10-$1/mam_report.json" "$OUT/esc10-ft-$1.json"
     step "esc10-test-$1" "$MAM" evaluate "$WORK/esc10-$1" --data "$ESC10" --folds 5 -q --format csv \
         -o "$OUT/esc10-test-$1.json"
@@ -102,12 +102,14 @@ esc10_finetune() {
 # 4. Zero-shot MAM into the fine-tuned classifier's encoder (its head as trained), fold 5.
 esc10_zeroshot() {
     local ev=("$MAM" evaluate "$WORK/esc10-plain" --data "$ESC10" --folds 5 -q --format csv)
-    step esc10-zs-dinov2-lam "${ev[@]}" --source "$D" "${D_MAP[@]}" --lam 0,0.025,0.05,0.1,0.2 -o "$OUT/esc10-zs-dinov2-lam.json"
+    step esc10-zs-dinov2-lam "${ev[@]}" --source "$D" "${D_MAP[@]}" --lam 0,0.025,0.05,0.1,0.2 \
+        -o "$OUT/esc10-zs-dinov2-lam.json"
     step esc10-zs-dinov2-blocks1 "${ev[@]}" --source "$D" "${D_MAP[@]}" --lam 0.05,0.1 --blocks 1 \
         -o "$OUT/esc10-zs-dinov2-blocks1.json"
     step esc10-zs-dinov2-noise "${ev[@]}" --source "$D" "${D_MAP[@]}" --lam 0.05,0.1 --noise source,target,normal \
         --noise-only -o "$OUT/esc10-zs-dinov2-noise.json"
-    step esc10-zs-minilm-lam "${ev[@]}" --source "$S" "${S_MAP[@]}" --lam 0,0.025,0.05,0.1,0.2 -o "$OUT/esc10-zs-minilm-lam.json"
+    step esc10-zs-minilm-lam "${ev[@]}" --source "$S" "${S_MAP[@]}" --lam 0,0.025,0.05,0.1,0.2 \
+        -o "$OUT/esc10-zs-minilm-lam.json"
     step esc10-zs-minilm-blocks1 "${ev[@]}" --source "$S" "${S_MAP[@]}" --lam 0.05,0.1 --blocks 1 \
         -o "$OUT/esc10-zs-minilm-blocks1.json"
     step esc10-zs-minilm-noise "${ev[@]}" --source "$S" "${S_MAP[@]}" --lam 0.05,0.1 --noise source --noise-only \
