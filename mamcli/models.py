@@ -25,7 +25,6 @@ from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Arch, Family, detect
 from mamcli.merge import MergedTensors, MergeOptions, MergePlan, TensorStore, plan_merge
 from mamcli.tasks import Task, make
-from mamcli.tasks import detect as detect_head
 
 MEMORY = Path("<memory>")
 
@@ -35,11 +34,6 @@ def _transformers() -> Any:
     import transformers
 
     return transformers
-
-
-def detect_task(config: dict[str, Any]) -> str:
-    """``asr`` (CTC or sequence-to-sequence heads) or ``aec`` (audio classification), from config.architectures."""
-    return detect_head(config).name
 
 
 @dataclass
