@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,3 +38,25 @@ def test_overlapping_or_different_clips_are_refused():
         compare([one, one], [one, one], 10, 0)
     with pytest.raises(SystemExit, match="different clips"):
         compare([one], [_report([("z", "dog", "dog")])], 10, 0)
+
+
+def test_a_unit_is_reused_only_with_the_same_arguments(tmp_path, monkeypatch):
+    import esc_cv
+
+    calls: list[tuple[str, ...]] = []
+
+    def fake_mam(*args: str) -> None:  # evaluate writes its report where -o says
+        calls.append(args)
+        if args[0] == "evaluate":
+            fold = args[args.index("--folds") + 1]
+            Path(args[args.index("-o") + 1]).write_text(json.dumps({"fold": fold}))
+
+    monkeypatch.setattr(esc_cv, "_mam", fake_mam)
+    run = lambda lr: esc_cv.unit(tmp_path, "T", "folders:D", "5", "1,2,3,4", "plain", ["--lr", lr])  # noqa: E731
+    assert run("1e-4") == {"fold": "5"} and [c[0] for c in calls] == ["finetune", "evaluate"]
+    assert calls[0][calls[0].index("--folds") + 1] == "1,2,3,4" and "1e-4" in calls[0]
+    assert run("1e-4") == {"fold": "5"} and len(calls) == 2  # reused: nothing ran
+    assert run("1e-3") == {"fold": "5"} and len(calls) == 4  # other arguments: run again
+    (tmp_path / "fold5-plain.args.json").unlink()  # a unit stopped before its end has no args file
+    run("1e-3")
+    assert len(calls) == 6
