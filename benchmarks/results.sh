@@ -5,8 +5,8 @@
 #   bash benchmarks/results.sh                 # everything: the speech stream and the audio-event stream at once
 #   bash benchmarks/results.sh STAGE ...       # some stages, in the order given
 #
-# Stages: ljs-zeroshot ljs-ranking (text -> speech, LJ Speech), esc10-finetune esc10-zeroshot (audio events,
-# ESC-10). Every mam call is logged with its wall time in docs/results/runs.jsonl; fine-tuned checkpoints go to
+# Stages: ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 (text -> speech, LJ Speech), esc10-finetune
+# esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10). Every mam call is logged with its wall time in docs/results/runs.jsonl; fine-tuned checkpoints go to
 # build/results/ (git-ignored).
 #
 # Threads: each stream runs single-threaded (OMP_NUM_THREADS=1, overridable). On this shared 2-core machine a
@@ -50,43 +50,89 @@ EOF
     return 0
 }
 
-machine() {  # where and when the numbers were measured
-    "$PY" - "$OUT/machine.json" <<'EOF'
+machine() {  # where and when the numbers were measured: one line per invocation, with its stages
+    "$PY" - "$OUT/machines.jsonl" "$@" <<'EOF'
 import json, os, platform, sys, datetime
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
-json.dump({"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "nproc": os.cpu_count(),
-           "cpu": cpu, "ram_gib": round(mem / 2**20, 1), "load_average_at_start": os.getloadavg(),
-           "kernel": platform.release(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-          open(sys.argv[1], "w"), indent=1)
+row = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "nproc": os.cpu_count(),
+       "cpu": cpu, "ram_gib": round(mem / 2**20, 1), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+       "kernel": platform.release(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "stages": sys.argv[2:]}
+with open(sys.argv[1], "a") as f:
+    f.write(json.dumps(row) + "\n")
 EOF
 }
 
-# 1. Text -> speech, zero-shot, on the test split (272 of 385 clips): λ sweep, noise, single layers.
-# Cut for time (docs/results.md): the blocks of 2 (--lam 0.1 --blocks 2).
+# 1. Text -> speech, zero-shot, on the test split (272 of 385 clips): λ sweep, noise, single layers, blocks of 2.
+LJ_EV=("$MAM" evaluate "$T" --data "$LJ" --source "$S" "${S_MAP[@]}" --split test "${SPLIT[@]}" -q --format csv)
 ljs_zeroshot() {
-    local ev=("$MAM" evaluate "$T" --data "$LJ" --source "$S" "${S_MAP[@]}" --split test "${SPLIT[@]}" -q --format csv)
+    local ev=("${LJ_EV[@]}")
     step ljs-lam "${ev[@]}" --lam 0,0.025,0.05,0.1,0.2,0.3 -o "$OUT/ljs-lam.json"
     step ljs-noise "${ev[@]}" --lam 0.1 --noise source,target,normal --noise-only -o "$OUT/ljs-noise.json"
     step ljs-blocks1 "${ev[@]}" --lam 0.1 --blocks 1 -o "$OUT/ljs-blocks1.json"
 }
 
-# 2. rank-layers on the dev split. Its top-1 / bottom-1 / random single layer by SWD at λ = 0.1 are rows of
-# ljs-blocks1.json (results_md.py picks them from the ranking's order); the k = 2 sets were cut for time.
+ljs_blocks2() {
+    step ljs-blocks2 "${LJ_EV[@]}" --lam 0.1 --blocks 2 -o "$OUT/ljs-blocks2.json"
+}
+
+# 2. rank-layers on the dev split. The top-k / bottom-k / k random layers by SWD at λ = 0.1: the single layers
+# are rows of ljs-blocks1.json; for k = 2, the random set (random.Random(1), results_md.py: [0, 1]) is the block
+# 0-1 of ljs-blocks2.json, and the top and bottom sets ([0, 3] and [1, 2] in the ranking's order) run here.
+# Seed 1, because with seed 0 the random draws equal the top sets (the first run of this page).
 ljs_ranking() {
     step ljs-rank "$MAM" rank-layers "$S" "$T" --data "$LJ" --split dev "${SPLIT[@]}" "${S_MAP[@]}" --metric all \
         --top-k 2 -q --format csv -o "$OUT/ljs-ranking.json"
+}
+ljs_topk2() {
+    step ljs-top2 "${LJ_EV[@]}" --lam 0.1 --layers "top:2:$OUT/ljs-ranking.json:swd" -o "$OUT/ljs-top2.json"
+    step ljs-bottom2 "${LJ_EV[@]}" --lam 0.1 --layers 1,2 -o "$OUT/ljs-bottom2.json"
+}
+
+# 2b. Fine-tuning whisper-tiny.en for speech recognition: on the 113 clips of the dev split (never the test
+# split), which a manifest lists; finetune's own seeded split of them picks the epoch (--dev-fraction 0.2 --seed 1:
+# with seed 0 that split would follow the outer one, whose dev clips all hash below 0.3, and keep 2/3 for dev).
+# Plain, MAM-initialised (MiniLM, λ = 0.1) and L-MAM (λ learned per layer from 0.1), same steps and seed, each
+# then evaluated on the 272 test clips like section 1.
+FT_ASR=(--task asr --data "$WORK/ljs-train.csv" --dev-fraction 0.2 --seed 1 --epochs 2 --batch-size 8 -q --force)
+ljs_test() {  # $1, a run's name: keep its fine-tuning report, evaluate it on the test split
+    [ -f "$WORK/ljs-$1/mam_report.json" ] && cp "$WORK/ljs-$1/mam_report.json" "$OUT/ljs-ft-$1.json"
+    [ -f "$WORK/ljs-$1/lams.json" ] && cp "$WORK/ljs-$1/lams.json" "$OUT/ljs-lams-$1.json"
+    step "ljs-test-$1" "$MAM" evaluate "$WORK/ljs-$1" --data "$LJ" --split test "${SPLIT[@]}" -q --format csv \
+        -o "$OUT/ljs-test-$1.json"
+}
+ljs_finetune() {
+    "$PY" - "$LJ" "$WORK/ljs-train.csv" "${SPLIT[@]}" <<'EOF2'
+import csv, sys
+from mamcli.data import load_dataset, select
+spec, out, _, frac, _, seed = sys.argv[1:]
+ds = select(load_dataset(spec), "dev", float(frac), int(seed))
+with open(out, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["id", "path", "text"])
+    w.writerows([i.id, i.path.resolve(), i.text] for i in ds.items)
+print(f"{out}: the {len(ds.items)} clips of the dev split", file=sys.stderr)
+EOF2
+    step ljs-ft-plain "$MAM" finetune "$T" "${FT_ASR[@]}" -o "$WORK/ljs-plain"
+    ljs_test plain
+    step ljs-ft-mam "$MAM" finetune "$T" "${FT_ASR[@]}" --source "$S" "${S_MAP[@]}" --lam-init 0.1 -o "$WORK/ljs-mam"
+    ljs_test mam
+    step ljs-ft-lmam "$MAM" finetune "$T" "${FT_ASR[@]}" --source "$S" "${S_MAP[@]}" --learnable-lam --lam-init 0.1 \
+        -o "$WORK/ljs-lmam"
+    ljs_test lmam
 }
 
 # 3. Audio events: a Whisper-encoder classifier (new head) fine-tuned on ESC-10 folds 1-4 (its dev split picks the
 # best epoch), tested on fold 5. lr: the first run of this script used mam's default for audio events, 1e-3, for
 # the plain run; its dev error after epoch 1 was 0.828 (chance: 0.9), so it was stopped (its state file is kept in
-# docs/results/esc10-plain-lr1e-3-stopped.*) and every run uses 1e-4. MAM-initialised runs merge first (mam merge,
-# the same λ and layer map), then fine-tune plainly: `mam finetune` has no --layer-map, so --source cannot take the
-# 12- or 6-layer sources (see docs/results.md); for the same reason L-MAM (--learnable-lam) cannot run here.
+# docs/results/esc10-plain-lr1e-3-stopped.*) and every run uses 1e-4. The MAM-initialised runs merge first (mam
+# merge, the same λ and layer map), then fine-tune plainly: they ran before `mam finetune` took --layer-map, and
+# `finetune --source --lam-init` starts from the same weights (it rounds its merge through the stored dtype).
+# L-MAM (--learnable-lam) learns λ per layer from 0.1 with each source.
 FT_AEC=(--task aec --data "$ESC10" --folds 1,2,3,4 "${SPLIT[@]}" --epochs 2 --lr 1e-4 --batch-size 8 -q --force)
 esc10_test() {  # $1, a run's name: keep its fine-tuning report, evaluate its classifier on fold 5
     [ -f "$WORK/esc10-$1/mam_report.json" ] && cp "$WORK/esc10-$1/mam_report.json" "$OUT/esc10-ft-$1.json"
+    [ -f "$WORK/esc10-$1/lams.json" ] && cp "$WORK/esc10-$1/lams.json" "$OUT/esc10-lams-$1.json"
     step "esc10-test-$1" "$MAM" evaluate "$WORK/esc10-$1" --data "$ESC10" --folds 5 -q --format csv \
         -o "$OUT/esc10-test-$1.json"
 }
@@ -97,7 +143,19 @@ esc10_finetune() {
     step esc10-ft-mam-dinov2 "$MAM" finetune "$WORK/whisper-dinov2-0.1" "${FT_AEC[@]}" -o "$WORK/esc10-mam-dinov2"
     esc10_test mam-dinov2
 }
-# Cut for time (docs/results.md): the same MAM-then-fine-tune run with the text source S.
+esc10_lmam() {
+    step esc10-ft-lmam-dinov2 "$MAM" finetune "$T" "${FT_AEC[@]}" --source "$D" "${D_MAP[@]}" --learnable-lam \
+        --lam-init 0.1 -o "$WORK/esc10-lmam-dinov2"
+    esc10_test lmam-dinov2
+    step esc10-ft-lmam-minilm "$MAM" finetune "$T" "${FT_AEC[@]}" --source "$S" "${S_MAP[@]}" --learnable-lam \
+        --lam-init 0.1 -o "$WORK/esc10-lmam-minilm"
+    esc10_test lmam-minilm
+}
+esc10_text() {  # MAM-then-fine-tune with the text source (beyond the paper)
+    step esc10-merge-minilm "$MAM" merge "$S" "$T" --lam 0.1 "${S_MAP[@]}" -q --force -o "$WORK/whisper-minilm-0.1"
+    step esc10-ft-mam-minilm "$MAM" finetune "$WORK/whisper-minilm-0.1" "${FT_AEC[@]}" -o "$WORK/esc10-mam-minilm"
+    esc10_test mam-minilm
+}
 
 # 4. Zero-shot MAM into the fine-tuned classifier's encoder (its head as trained), fold 5.
 esc10_zeroshot() {
@@ -116,22 +174,41 @@ esc10_zeroshot() {
         -o "$OUT/esc10-zs-minilm-noise.json"
 }
 
+# 5. The standard ESC protocol: 5-fold cross-validation (benchmarks/esc_cv.py) of plain fine-tuning against L-MAM
+# with DINOv2, with the settings of section 3; fold 5's turn repeats the runs above. Two fine-tunings at once.
+esc10_cv() {
+    step esc10-cv "$PY" benchmarks/esc_cv.py "$T" "$ESC10" "$WORK/cv" --epochs 2 --lr 1e-4 --batch-size 8 \
+        --dev-fraction 0.3 --seed 0 --jobs 2 -- "${D_MAP[@]}" --source "$D" --learnable-lam --lam-init 0.1
+    for f in "$WORK"/cv/cv.json "$WORK"/cv/fold?-*.json; do
+        [ -f "$f" ] && cp "$f" "$OUT/esc10-cv-$(basename "$f")"
+    done
+}
+
 run_stage() {
     case $1 in
         ljs-zeroshot) ljs_zeroshot ;;
         ljs-ranking) ljs_ranking ;;
+        ljs-finetune) ljs_finetune ;;
+        ljs-blocks2) ljs_blocks2 ;;
+        ljs-topk2) ljs_topk2 ;;
         esc10-finetune) esc10_finetune ;;
+        esc10-lmam) esc10_lmam ;;
+        esc10-text) esc10_text ;;
         esc10-zeroshot) esc10_zeroshot ;;
+        esc10-cv) esc10_cv ;;
         *) echo "unknown stage $1" >&2; exit 2 ;;
     esac
 }
 
-[ $# -gt 0 ] && [ -f "$OUT/machine.json" ] || machine  # a later stage keeps the first start's record
+STREAMS=("ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2"
+         "esc10-finetune esc10-lmam esc10-text esc10-zeroshot esc10-cv")
 if [ $# -eq 0 ]; then
-    rm -f "$OUT/runs.jsonl"
-    (run_stage ljs-zeroshot; run_stage ljs-ranking) &
-    (run_stage esc10-finetune; run_stage esc10-zeroshot) &
+    rm -f "$OUT/runs.jsonl" "$OUT/machines.jsonl"
+    machine ${STREAMS[0]} ${STREAMS[1]}
+    (for s in ${STREAMS[0]}; do run_stage "$s"; done) &
+    (for s in ${STREAMS[1]}; do run_stage "$s"; done) &
     wait
 else
+    machine "$@"
     for stage in "$@"; do run_stage "$stage"; done
 fi
