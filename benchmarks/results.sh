@@ -6,8 +6,9 @@
 #   bash benchmarks/results.sh STAGE ...       # some stages, in the order given
 #
 # Stages: ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 (text -> speech, LJ Speech), esc10-finetune
-# esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10). Every mam call is logged with its wall time in docs/results/runs.jsonl; fine-tuned checkpoints go to
-# build/results/ (git-ignored).
+# esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10). Every mam call is logged with its wall
+# time in docs/results/runs.jsonl, every invocation's machine and load in docs/results/machines.jsonl; fine-tuned
+# checkpoints go to build/results/ (git-ignored).
 #
 # Threads: each stream runs single-threaded (OMP_NUM_THREADS=1, overridable). On this shared 2-core machine a
 # 2-thread torch process under load ran 2.5x slower than a 1-thread one (8-clip Whisper encoder forward: 6-8 s vs
