@@ -64,6 +64,14 @@ with open(sys.argv[1], "a") as f:
 EOF
 }
 
+# test_run PREFIX NAME DATA-OPTIONS...: keep fine-tuning run NAME's report (and learned λ), then evaluate it.
+test_run() {
+    local pre=$1 name=$2; shift 2
+    [ -f "$WORK/$pre-$name/mam_report.json" ] && cp "$WORK/$pre-$name/mam_report.json" "$OUT/$pre-ft-$name.json"
+    [ -f "$WORK/$pre-$name/lams.json" ] && cp "$WORK/$pre-$name/lams.json" "$OUT/$pre-lams-$name.json"
+    step "$pre-test-$name" "$MAM" evaluate "$WORK/$pre-$name" "$@" -q --format csv -o "$OUT/$pre-test-$name.json"
+}
+
 # 1. Text -> speech, zero-shot, on the test split (272 of 385 clips): λ sweep, noise, single layers, blocks of 2.
 LJ_EV=("$MAM" evaluate "$T" --data "$LJ" --source "$S" "${S_MAP[@]}" --split test "${SPLIT[@]}" -q --format csv)
 ljs_zeroshot() {
@@ -96,12 +104,7 @@ ljs_topk2() {
 # Plain, MAM-initialised (MiniLM, λ = 0.1) and L-MAM (λ learned per layer from 0.1), same steps and seed, each
 # then evaluated on the 272 test clips like section 1.
 FT_ASR=(--task asr --data "$WORK/ljs-train.csv" --dev-fraction 0.2 --seed 1 --epochs 2 --batch-size 8 -q --force)
-ljs_test() {  # $1, a run's name: keep its fine-tuning report, evaluate it on the test split
-    [ -f "$WORK/ljs-$1/mam_report.json" ] && cp "$WORK/ljs-$1/mam_report.json" "$OUT/ljs-ft-$1.json"
-    [ -f "$WORK/ljs-$1/lams.json" ] && cp "$WORK/ljs-$1/lams.json" "$OUT/ljs-lams-$1.json"
-    step "ljs-test-$1" "$MAM" evaluate "$WORK/ljs-$1" --data "$LJ" --split test "${SPLIT[@]}" -q --format csv \
-        -o "$OUT/ljs-test-$1.json"
-}
+ljs_test() { test_run ljs "$1" --data "$LJ" --split test "${SPLIT[@]}"; }  # on the test split
 ljs_finetune() {
     "$PY" - "$LJ" "$WORK/ljs-train.csv" "${SPLIT[@]}" <<'EOF2'
 import csv, sys
@@ -131,12 +134,7 @@ EOF2
 # `finetune --source --lam-init` starts from the same weights (it rounds its merge through the stored dtype).
 # L-MAM (--learnable-lam) learns λ per layer from 0.1 with each source.
 FT_AEC=(--task aec --data "$ESC10" --folds 1,2,3,4 "${SPLIT[@]}" --epochs 2 --lr 1e-4 --batch-size 8 -q --force)
-esc10_test() {  # $1, a run's name: keep its fine-tuning report, evaluate its classifier on fold 5
-    [ -f "$WORK/esc10-$1/mam_report.json" ] && cp "$WORK/esc10-$1/mam_report.json" "$OUT/esc10-ft-$1.json"
-    [ -f "$WORK/esc10-$1/lams.json" ] && cp "$WORK/esc10-$1/lams.json" "$OUT/esc10-lams-$1.json"
-    step "esc10-test-$1" "$MAM" evaluate "$WORK/esc10-$1" --data "$ESC10" --folds 5 -q --format csv \
-        -o "$OUT/esc10-test-$1.json"
-}
+esc10_test() { test_run esc10 "$1" --data "$ESC10" --folds 5; }  # its classifier on fold 5
 esc10_finetune() {
     step esc10-ft-plain "$MAM" finetune "$T" "${FT_AEC[@]}" -o "$WORK/esc10-plain"
     esc10_test plain
