@@ -341,14 +341,14 @@ def section_ranking() -> str:
     rows = []
     said = []
     for k, picks in sets.items():
-        top, bottom, drawn = (find(reports, tuple(picks[i][1]), 0.1, col) for i in (0, 1, 2))
-        for other, name in ((bottom, "bottom"), (drawn, "random")):
-            if top and other and picks[0][1] != picks[2 if name == "random" else 1][1]:
+        top = find(reports, tuple(picks[0][1]), 0.1, col)
+        for i, name in ((1, "bottom"), (2, "random")):
+            other = find(reports, tuple(picks[i][1]), 0.1, col)
+            if top and other and picks[i][1] != picks[0][1]:
                 c = compare(top[0], top[1], other[0], other[1])
                 word = ("the top-k set does better" if c["delta_hi"] < 0 else f"the {name}-k set does better"
                         if c["delta_lo"] > 0 else "indistinguishable")
-                said.append(f"k = {k}: top − {name} {delta_cell(c)} pp, "
-                            f"{word}")
+                said.append(f"k = {k}: top − {name} {delta_cell(c)} pp, {word}")
         for label, layers in picks:
             hit = find(reports, tuple(layers), 0.1, col)
             if hit is None:
@@ -415,7 +415,7 @@ def finetune_table(prefix: str, runs: list[tuple[str, str]], asr: bool) -> tuple
             d, bw = delta_cell(c), f"{c['better']}/{c['worse']}"
             word = "better" if c["delta_hi"] < 0 else "worse" if c["delta_lo"] > 0 else "no detectable change"
             said.append(f"{label}: {pct(p['error'])} against {pct(baseline(plain)['error'])} for plain fine-tuning, "
-                        f"Δ {pp(c['delta'])} pp [{pp(c['delta_lo'])}, {pp(c['delta_hi'])}], {word}")
+                        f"Δ {delta_cell(c)} pp, {word}")
         rows.append([label, dev, str(kept), learned(prefix, key), pct(p["error"]), f"[{pct(lo)}, {pct(hi)}]", d, bw])
     what = "test WER" if asr else "fold-5 error"
     return table(["run", "dev error per epoch", "epoch kept", "learned λ, layers 0-3", what, f"95 % CI of the {what}",
@@ -523,8 +523,7 @@ def section_esc10_cv() -> str:
     word = ("L-MAM is better" if cv["delta_hi"] < 0 else "L-MAM is worse" if cv["delta_lo"] > 0
             else "no detectable change" + edge)
     said = (f"over all {cv['clips']} clips of the five test folds, L-MAM (DINOv2) {pct(cv['merged_error'])} against "
-            f"{pct(cv['plain_error'])} for plain fine-tuning, Δ {pp(cv['delta'])} [{pp(cv['delta_lo'])}, "
-            f"{pp(cv['delta_hi'])}] pp: {word}")
+            f"{pct(cv['plain_error'])} for plain fine-tuning, Δ {delta_cell(cv)} pp: {word}")
     SUMMARY.append(f"ESC-10, 5-fold cross-validation (4): {said}.")
     repeat = [(load(f"esc10-cv-fold5-{cv_name}"), load(f"esc10-test-{name}"))
               for cv_name, name in (("plain", "plain"), ("merged", "lmam-dinov2"))]
