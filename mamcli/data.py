@@ -13,7 +13,9 @@ import functools
 import hashlib
 import io
 import json
+import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -40,8 +42,10 @@ class TableRow:
 
 @dataclass(frozen=True)
 class Item:
-    """One clip: where it is, its transcript or label, and its fold or speaker where the corpus has one.
-    ``row`` is set when ``path`` is a parquet/arrow table holding the clip, not the clip's own file."""
+    """One clip: its id (unique within its dataset: results are kept by it), where it is, its transcript or label,
+    and its fold or speaker where the corpus has one. ``row`` is set when ``path`` is a parquet/arrow table holding
+    the clip, not the clip's own file; ``listed`` is the line of a listing (a manifest, ``metadata.csv``) that names
+    the clip, so that an error about two rows can name both."""
 
     id: str
     path: Path
@@ -50,11 +54,60 @@ class Item:
     fold: int | None = None
     speaker: str | None = None
     row: TableRow | None = None
+    listed: str | None = field(default=None, compare=False)
 
     @property
     def where(self) -> str:
         """The clip's place for messages and reports: its file, or its table and row."""
         return str(self.path) if self.row is None else f"{self.path} row {self.row.index}"
+
+    @property
+    def place(self) -> tuple[str, int | None]:
+        """What makes two items one clip: the same file (spelled either way: ``a.wav``, ``./a.wav``, absolute),
+        or the same row of one table. Symbolic links are not followed: a link is a clip of its own name."""
+        return os.path.abspath(self.path), None if self.row is None else self.row.index
+
+
+def _one_clip_per_id(spec: str, items: list[Item]) -> None:
+    """The invariant every reader's ids keep, checked where a Dataset is built: one id per clip and one item per
+    clip. Hypotheses, references and paired statistics are kept by clip id, so two clips with one id would share a
+    result, and a clip listed twice would be scored twice."""
+    by_id: dict[str, Item] = {}
+    by_place: dict[tuple[str, int | None], Item] = {}
+    for item in items:
+        first = by_place.setdefault(item.place, item)
+        if first is not item:
+            raise MamError(f"dataset {spec!r}: {first.listed or first.where} and {item.listed or item.where} list "
+                           f"the same clip ({item.where}); list each clip once")
+        first = by_id.setdefault(item.id, item)
+        if first is not item:
+            raise MamError(f"dataset {spec!r}: {first.listed or first.where} and {item.listed or item.where} give "
+                           f"two clips ({first.where}, {item.where}) the one id {item.id!r}; ids must be unique")
+
+
+def _distinct_ids(items: list[Item], names: list[tuple[str, ...]]) -> list[Item]:
+    """Each item with the first of its ``names`` (shortest first: a file's stem, then its path without suffix, then
+    with it) that no other item's name shares. Only the items whose name collides move on to their next, longer
+    name, so the other ids, and with them the seeded split, stay as they were. Items left sharing their last name
+    are the same clip: :class:`Dataset` refuses them."""
+    level = [0] * len(items)
+    while True:
+        ids = [n[k] for n, k in zip(names, level, strict=True)]
+        shared = {i for i, count in Counter(ids).items() if count > 1}
+        moving = [k for k, (i, n) in enumerate(zip(ids, names, strict=True)) if i in shared and level[k] + 1 < len(n)]
+        if not moving:
+            return [replace(item, id=i) for item, i in zip(items, ids, strict=True)]
+        for k in moving:
+            level[k] += 1
+
+
+def _path_names(path: Path, base: Path, short: str | None = None) -> tuple[str, ...]:
+    """A file's candidate ids for :func:`_distinct_ids`: ``short`` (default: its stem), then its path from ``base``
+    (absolute where it lies outside ``base``) in POSIX form without its suffix, then with it."""
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full, os.path.abspath(base))
+    posix = Path(full if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel).as_posix()
+    return short or path.stem, str(PurePosixPath(posix).with_suffix("")), posix
 
 
 @dataclass
@@ -68,6 +121,7 @@ class Dataset:
     all_labels: list[str] = field(default_factory=list)  # of the whole corpus, kept through selection
 
     def __post_init__(self) -> None:
+        _one_clip_per_id(self.spec, self.items)
         if not self.all_labels:
             self.all_labels = self.labels
 
@@ -182,11 +236,13 @@ def _is_ljspeech(root: Path) -> bool:
 def _ljspeech(root: Path, o: Options) -> Loaded:
     items = []
     with (root / "metadata.csv").open(encoding="utf-8") as f:
-        for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE):
+        reader = csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE)
+        for row in reader:
             if len(row) < 2:
                 continue
             text = row[2] if o.text_field == "normalized" and len(row) > 2 and row[2] else row[1]
-            items.append(Item(row[0], _find_audio(root / "wavs", row[0]), text=text, speaker="LJ"))
+            items.append(Item(row[0], _find_audio(root / "wavs", row[0]), text=text, speaker="LJ",
+                              listed=f"{root / 'metadata.csv'}, line {reader.line_num}"))
     return Loaded(items, text_field=o.text_field)
 
 
@@ -195,14 +251,16 @@ def _is_vctk(root: Path) -> bool:
 
 
 def _vctk(root: Path, o: Options) -> Loaded:
+    """VCTK: id ``p225_001`` (the transcript's name; ``p225/p225_001`` where two speakers' names collide)."""
     audio_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("wav"))
-    items = []
+    items, names = [], []
     for t in sorted((root / "txt").glob("*/*.txt")):
         spk, stem = t.parent.name, t.stem
         candidates = [_find_audio(d / spk, name) for d in audio_dirs for name in (f"{stem}_{o.mic}", stem)]
         path = next((c for c in candidates if c.is_file()), candidates[0] if candidates else t.with_suffix(".wav"))
         items.append(Item(stem, path, text=t.read_text(encoding="utf-8").strip(), speaker=spk))
-    return Loaded(items)
+        names.append((stem, f"{spk}/{stem}"))
+    return Loaded(_distinct_ids(items, names))
 
 
 def _is_esc50(root: Path) -> bool:
@@ -211,8 +269,10 @@ def _is_esc50(root: Path) -> bool:
 
 def _esc50(root: Path, o: Options) -> Loaded:
     with (root / "meta" / "esc50.csv").open(encoding="utf-8") as f:
+        reader = csv.DictReader(f)
         return Loaded([Item(Path(r["filename"]).stem, root / "audio" / r["filename"], label=r["category"],
-                            fold=int(r["fold"])) for r in csv.DictReader(f)])
+                            fold=int(r["fold"]), listed=f"{root / 'meta' / 'esc50.csv'}, line {reader.line_num}")
+                       for r in reader])
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -225,14 +285,16 @@ def _is_folders(root: Path) -> bool:
 
 
 def _folders(root: Path, o: Options) -> Loaded:
-    """One folder per class (ESC-10: ``001 - Dog bark/1-100032-A.ogg``; fold = first digit of the name)."""
-    items = []
+    """One folder per class (ESC-10: ``001 - Dog bark/1-100032-A.ogg``; fold = first digit of the name). Id:
+    ``001 - Dog bark/1-100032-A``, with the suffix where two files of a folder differ only in it."""
+    items, names = [], []
     for d in _class_dirs(root):
         label = re.sub(r"^\d+\s*-\s*", "", d.name)
         for f in sorted(p for p in d.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
             m = re.match(r"(\d)-", f.name)
             items.append(Item(f"{d.name}/{f.stem}", f, label=label, fold=int(m[1]) if m else None))
-    return Loaded(items)
+            names.append(_path_names(f, root, f"{d.name}/{f.stem}"))
+    return Loaded(_distinct_ids(items, names))
 
 
 FSDD_NAME = re.compile(r"(\d)_([a-z]+)_(\d+)")
@@ -243,13 +305,14 @@ def _is_fsdd(root: Path) -> bool:
 
 
 def _fsdd(root: Path, o: Options) -> Loaded:
-    """Free Spoken Digit Dataset: ``{digit}_{speaker}_{take}``; text is the digit's word, label the digit."""
+    """Free Spoken Digit Dataset: ``{digit}_{speaker}_{take}``; text is the digit's word, label the digit. Id: the
+    name, with its suffix where two files differ only in it."""
     items = []
     for f in sorted(root.iterdir()):
         m = FSDD_NAME.fullmatch(f.stem)
         if m and f.suffix.lower() in AUDIO_SUFFIXES:
             items.append(Item(f.stem, f, text=DIGITS[int(m[1])], label=m[1], speaker=m[2], fold=int(m[3])))
-    return Loaded(items)
+    return Loaded(_distinct_ids(items, [_path_names(i.path, root) for i in items]))
 
 
 def _is_librispeech_split(root: Path) -> bool:
@@ -272,11 +335,11 @@ def _librispeech(root: Path, o: Options) -> Loaded:
         split = root / _pick(splits, o.subset, root, "LibriSpeech split")
     items = []
     for trans in sorted(split.glob("*/*/*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8").splitlines():
+        for n, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
             utt, _, text = line.strip().partition(" ")
             if utt:
                 items.append(Item(utt, _find_audio(trans.parent, utt), text=text.strip(),
-                                  speaker=trans.parent.parent.name))
+                                  speaker=trans.parent.parent.name, listed=f"{trans}, line {n}"))
     return Loaded(items, notes=[f"LibriSpeech split {split.name}"])
 
 
@@ -479,18 +542,28 @@ def _hf(root: Path, o: Options) -> Loaded:
             return class_names[v]
         return str(v)
 
-    ids = [value(cells.get("id"), "id") for _, _, cells, _ in rows]
-    if None in ids or len(set(ids)) < len(ids):
-        ids = [PurePosixPath(p).stem if isinstance(p, str) else None for *_, p in rows]
-    if None in ids or len(set(ids)) < len(ids):
-        ids = [f"{n:0{max(6, len(str(len(rows))))}d}" for n in range(len(rows))]
-    items = [Item(str(id_), f, text=value(cells.get(text), text) if text else None,
+    items = [Item("", f, text=value(cells.get(text), text) if text else None,
                   label=value(cells.get(label), label) if label else None,
                   speaker=value(cells.get(speaker), speaker) if speaker else None, row=TableRow(audio, i))
-             for id_, (f, i, cells, _) in zip(ids, rows, strict=True)]
+             for f, i, cells, _ in rows]
+    items = _table_ids(items, [value(cells.get("id"), "id") for _, _, cells, _ in rows], [p for *_, p in rows])
     notes = [f"split {split}", f"audio column {audio}", *([f"text column {text}"] if text else []),
              *([f"label column {label}"] if label else [])]
     return Loaded(items, notes=notes, all_labels=sorted(class_names or []), text_field=text)
+
+
+def _table_ids(items: list[Item], ids: list[str | None], paths: list[Any]) -> list[Item]:
+    """A table's clip ids: its ``id`` column where that names every row once; else the audio cells' file names
+    (paths where names collide), where every cell has one and no two are one; else the row number. An ``id`` that
+    repeats is not an error here: some datasets' ``id`` names the sentence, read by several speakers (FLEURS)."""
+    if None not in ids and len(set(ids)) == len(ids):
+        return [replace(item, id=str(i)) for item, i in zip(items, ids, strict=True)]
+    if all(isinstance(p, str) and p for p in paths):
+        names = [(PurePosixPath(p).stem, str(PurePosixPath(p).with_suffix("")), p) for p in paths]
+        named = _distinct_ids(items, names)
+        if len({i.id for i in named}) == len(named):
+            return named
+    return [replace(item, id=f"{n:0{max(6, len(str(len(items))))}d}") for n, item in enumerate(items)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -652,9 +725,10 @@ def _number(row: dict[str, Any], key: str, at: str, cast: type[int] | type[float
 
 def _manifest(path: Path, o: Options) -> list[Item]:
     """Rows with an audio path (see AUDIO_COLUMNS) and a transcript or a label; relative paths are from the
-    manifest's folder (a Common Voice tsv's from ``clips/`` beside it)."""
+    manifest's folder (a Common Voice tsv's from ``clips/`` beside it). Id: the row's id column; else the file's
+    stem, or, where two rows' stems collide, their paths from that folder (see :func:`_distinct_ids`)."""
     text_cols = (o.text_column,) if o.text_column else MANIFEST_TEXT
-    items = []
+    items, names = [], []
     for n, r in _manifest_rows(path):
         at = f"{path}, line {n}"
         audio_key, audio = _field(r, AUDIO_COLUMNS, at, "a path (a string)")
@@ -672,10 +746,11 @@ def _manifest(path: Path, o: Options) -> list[Item]:
         if audio_key == "path" and "sentence" in r and (path.parent / "clips").is_dir():
             base = path.parent / "clips"  # Common Voice: the tsv lies beside clips/
         p = Path(audio) if Path(audio).is_absolute() else base / audio
-        items.append(Item(str(id_ if id_ is not None else Path(audio).stem), p, text=text,
-                          label=None if label is None else str(label), fold=_number(r, "fold", at, int),
-                          speaker=None if speaker is None else str(speaker)))
-    return items
+        names.append((str(id_),) if id_ is not None else _path_names(p, base))
+        items.append(Item(names[-1][0], p, text=text, label=None if label is None else str(label),
+                          fold=_number(r, "fold", at, int), speaker=None if speaker is None else str(speaker),
+                          listed=at))
+    return _distinct_ids(items, names)
 
 
 def load_dataset(spec: str, text_field: str = "normalized", mic: str = "mic1", *, subset: str | None = None,

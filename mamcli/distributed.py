@@ -6,7 +6,8 @@ to learn their lengths; the lengths are gathered, and every process cuts the ver
 process would cut. Process r keeps batches r, r + n, … (neighbours have similar lengths, so the work is
 balanced) and reads those of their clips another process read first. Equal batches matter because padding,
 batched kernels and Whisper's token bound (set by the longest clip of a batch) may depend on which clips
-share a batch, and the results must equal one process's.
+share a batch, and the results must equal one process's. Clips are matched across processes by their id, which
+a Dataset keeps unique (:class:`mamcli.data.Dataset` refuses two clips with one id), and kept in the dataset's order.
 
 Objects travel over gloo on the CPU whatever device the model runs on: they are texts, counts and pooled
 vectors, small beside a model, and a CPU group needs no GPU memory or NCCL.

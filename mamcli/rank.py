@@ -165,7 +165,7 @@ def rank_layers(source: Checkpoint, target: Checkpoint, ds: Dataset, opts: RankO
         return {"command": "rank-layers", "process": processes.rank}
     audio = {k: v for a, _ in parts for k, v in a.items()}
     text = {k: v for _, t in parts for k, v in t.items()}
-    ids = sorted(audio)
+    ids = [i.id for i in shard.items]  # clip order; a clip's audio and text meet by its id, unique in a Dataset
     a = np.stack([audio[k] for k in ids])  # (pairs, target layers, hidden)
     t = np.stack([text[k] for k in ids])   # (pairs, source layers, hidden)
     results: dict[str, Any] = {}
