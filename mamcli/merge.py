@@ -2,7 +2,8 @@
 
 Per target layer i and part p: ``W = λ_i · W_source + (1 − λ_i) · W_target`` computed in float32
 exactly as written (so tests can check it to the bit), then cast to the output dtype. Every
-tensor that is not merged is copied as the target's raw bytes.
+tensor that is not merged is copied as the target's raw bytes. With ``align`` the source (or the
+noise standing in for it) is first re-indexed by permutations (:mod:`mamcli.align`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ from typing import Any, Protocol
 
 import torch
 
+from mamcli.align import (
+    ALIGN_FILE,
+    ALIGN_MODES,
+    ActivationStats,
+    Alignment,
+    check_alignable,
+    gather_layers,
+    load_alignment,
+    solve_activations,
+    solve_weights,
+)
 from mamcli.card import write_card
 from mamcli.checkpoint import Checkpoint, TensorInfo, iter_copyable_files
 from mamcli.errors import MamError
@@ -58,6 +70,9 @@ class MergeOptions:
     noise: str | None = None
     seed: int = 0
     layer_map: str | None = None
+    # none | weights | activations, or a mam_align.json to replay; activations read ``align_data``
+    align: str | Path = "none"
+    align_data: ActivationStats | None = None
 
     def resolve_lams(self, num_layers: int) -> dict[int, dict[str, float]]:
         given = [x is not None for x in (self.lam, self.lams_file, self.lams)]
@@ -83,6 +98,10 @@ class MergeOptions:
             raise MamError(f"--parts takes a comma list of {', '.join(PARTS)}; got {','.join(self.parts) or 'nothing'}")
         if self.noise is not None and self.noise not in NOISE_KINDS:
             raise MamError(f"--noise must be one of {', '.join(NOISE_KINDS)}; got {self.noise!r}")
+        if isinstance(self.align, str) and self.align not in ALIGN_MODES and not self.align.endswith(".json"):
+            raise MamError(f"--align must be one of {', '.join(ALIGN_MODES)} or a {ALIGN_FILE}; got {self.align!r}")
+        if self.align == "activations" and self.align_data is None:
+            raise MamError("--align activations needs paired data (speech clips with transcripts): give --data")
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,7 @@ class MergePlan:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    alignment: Alignment | None = None  # solved (or read) once, by the first MergedTensors of this plan
 
     def lam_table(self) -> dict[str, list[float]]:
         """Per part, λ of every target layer (0 = untouched): what ``--lams`` reads back."""
@@ -126,9 +146,13 @@ class MergePlan:
 
     def recipe(self) -> dict[str, Any]:
         o = self.options
-        return {"parts": list(o.parts), "bias": o.bias, "noise": o.noise, "seed": o.seed,
-                "layers": sorted(self.lams), "layer_map": self.layer_map, "lams": self.lam_table(),
-                "formula": "W = lam * W_source + (1 - lam) * W_target (float32)"}
+        recipe = {"parts": list(o.parts), "bias": o.bias, "noise": o.noise, "seed": o.seed,
+                  "layers": sorted(self.lams), "layer_map": self.layer_map, "lams": self.lam_table(),
+                  "formula": "W = lam * W_source + (1 - lam) * W_target (float32)"}
+        if self.alignment is not None:  # absent when unaligned, so unaligned outputs keep their bytes
+            recipe.update(align=self.alignment.mode, align_file=ALIGN_FILE,
+                          formula="W = lam * W_source[rows][:, hidden] + (1 - lam) * W_target (float32)")
+        return recipe
 
 
 def check_compatible(src: Arch, tgt: Arch, src_label: str, tgt_label: str) -> list[str]:
@@ -202,8 +226,11 @@ def plan_merge(source: TensorStore, target: TensorStore, options: MergeOptions,
                     raise MamError(f"shapes differ: source {s_ref[0]} is {list(s_shape)}, target {t_ref[0]} is "
                                    f"{list(t_shape)}")
                 pairs.append(Pair(i, j, part, kind, lam, s_ref[0], s_ref[1], t_ref[0], t_ref[1], t_shape))
-    return MergePlan(src, tgt, options, layer_map, lams, pairs, skipped,
-                     unmapped_attention(target, tgt, options), notes)
+    plan = MergePlan(src, tgt, options, layer_map, lams, pairs, skipped, unmapped_attention(target, tgt, options),
+                     notes)
+    if options.align != "none":
+        check_alignable(plan)
+    return plan
 
 
 def unmapped_attention(target: TensorStore, arch: Arch, options: MergeOptions) -> list[str]:
@@ -267,27 +294,54 @@ class MergedTensors:
         self.groups = plan.by_target()
         self._cache: tuple[str, torch.Tensor] | None = None  # fused source tensors serve three parts
         self.stats: list[dict[str, Any]] = []
+        if plan.options.align != "none" and plan.alignment is None:
+            plan.alignment = self._solve_alignment()
 
     def _source(self, name: str) -> torch.Tensor:
         if self._cache is None or self._cache[0] != name:
             self._cache = (name, self.source.get(name))
         return self._cache[1]
 
+    def donor(self, p: Pair, t: torch.Tensor) -> torch.Tensor:
+        """What the formula reads as the source for ``p``: the source's rows, or noise in their place."""
+        noise = self.plan.options.noise
+        s_real = None if noise in ("target", "normal") else \
+            _rows(self._source(p.source), p.source_rows).to(t.device)
+        _finite(t, p.target, self.target.spec)
+        if s_real is not None:
+            _finite(s_real, p.source, self.source.spec)
+        if noise is None:
+            assert s_real is not None
+            return s_real
+        return noise_like(noise, s_real, t.cpu(), self.plan.options.seed, f"{p.layer}.{p.part}.{p.kind}").to(t.device)
+
+    def _solve_alignment(self) -> Alignment:
+        """Permutations for the donor actually merged, so noise donors are aligned by the same procedure."""
+        o = self.plan.options
+        heads = check_alignable(self.plan)
+        if o.align not in ("weights", "activations"):
+            return load_alignment(Path(o.align), self.plan)
+
+        def pair_tensors(p: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+            t = _rows(self.target.get(p.target).to(torch.float32), p.target_rows)
+            return t, self.donor(p, t)
+
+        layers = gather_layers(self.plan, pair_tensors)
+        if o.align == "weights":
+            return solve_weights(layers, heads)
+        assert o.align_data is not None
+        return solve_activations(layers, heads, o.align_data)
+
     def compute(self, name: str, target_tensor: torch.Tensor | None = None) -> torch.Tensor:
         pairs = self.groups[name]
         t_full = (self.target.get(name) if target_tensor is None else target_tensor).to(torch.float32)
         out = t_full.clone() if pairs[0].target_rows is not None else None
-        noise, seed = self.plan.options.noise, self.plan.options.seed
+        noise, alignment = self.plan.options.noise, self.plan.alignment
         for p in pairs:
             t = _rows(t_full, p.target_rows)
-            s_real = None if noise in ("target", "normal") else \
-                _rows(self._source(p.source), p.source_rows).to(t.device)
-            _finite(t, p.target, self.target.spec)
-            if s_real is not None:
-                _finite(s_real, p.source, self.source.spec)
-            key = f"{p.layer}.{p.part}.{p.kind}"
-            s = s_real if noise is None else noise_like(noise, s_real, t.cpu(), seed, key).to(t.device)
-            assert s is not None
+            s = self.donor(p, t)
+            if alignment is not None:
+                s = alignment.apply(p, s)
             merged = interpolate(s, t, p.lam)
             self.stats.append({"target": p.target, "source": p.source if noise is None else f"noise:{noise}",
                                "layer": p.layer, "source_layer": p.source_layer, "part": p.part, "kind": p.kind,
@@ -298,6 +352,14 @@ class MergedTensors:
                 out[p.target_rows[0]:p.target_rows[1]] = merged  # type: ignore[index]
         assert out is not None
         return out
+
+
+def solve_alignment(plan: MergePlan, source: TensorStore, target: TensorStore) -> Alignment | None:
+    """The plan's alignment, solved now if ``align`` asks for one: for code that reads source tensors itself
+    (L-MAM's λ parametrizations) and must apply ``plan.alignment.apply(pair, tensor)`` to them."""
+    if plan.options.align != "none" and plan.alignment is None:
+        MergedTensors(plan, source, target)
+    return plan.alignment
 
 
 # ---- to disk --------------------------------------------------------------------------------
@@ -336,10 +398,10 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
     dtype_of = {t.name: out_dtype if out_dtype is not None and t.dtype.is_floating_point else t.dtype for t in infos}
     planned = [OutTensor(t.name, dtype_of[t.name], t.shape) for t in infos]
     total = sum(t.nbytes for t in planned)
+    merged = MergedTensors(plan, source, target)  # solves the alignment, which the recipe names
     recipe = plan.recipe()
     refs = {"source": model_ref(source), "target": model_ref(target)}
     metadata = {"format": "pt", "mam_recipe": json.dumps({**refs, **recipe}, separators=(",", ":"))}
-    merged = MergedTensors(plan, source, target)
     with _one_torch_thread(), ThreadPoolExecutor(max_workers=1) as pool, \
             atomic_output_dir(out, force, (source.root, target.root), note=note) as tmp:
         # hashing the inputs overlaps the writes (hashlib releases the GIL)
@@ -363,14 +425,16 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
             writer.abort()
             raise
         for f in iter_copyable_files(target.root) if target.fmt != "beats" else ():
-            shutil.copy2(f, tmp / f.name)
+            if f.name != ALIGN_FILE:  # a merge of an aligned merge carries only its own permutations
+                shutil.copy2(f, tmp / f.name)
+        align = _write_alignment(plan, tmp, out)
         if target.fmt == "beats":  # the official layout too, loadable by the release's own code
             files[target.files[0].name] = write_beats_pt(tmp / target.files[0].name, tmp, target)
         (tmp / RECIPE_FILE).write_text(dump_recipe({
             **refs, "lams": plan.lam_table(), "parts": list(options.parts), "bias": options.bias,
             "noise": options.noise, "seed": options.seed, "layer_map": plan.layer_map,
             "out_dtype": {v: k for k, v in OUT_DTYPES.items()}[out_dtype] if out_dtype else None,
-            "shard_size": shard_size, **(recipe_extra or {})}), encoding="utf-8")
+            "shard_size": shard_size, **align, **(recipe_extra or {})}), encoding="utf-8")
         if out_dtype is not None and (tmp / "config.json").is_file():
             cfg = json.loads((tmp / "config.json").read_text())
             cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(out_dtype).removeprefix("torch.")
@@ -384,6 +448,7 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
             "skipped": plan.skipped,
             "unmapped_target_attention": plan.unmapped,
             "notes": plan.notes,
+            **({"alignment": plan.alignment.summary()} if plan.alignment is not None else {}),
             "outputs": {"files": files, "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else "target"},
             "versions": versions(),
             "wall_time_s": round(time.perf_counter() - started, 3),
@@ -395,6 +460,15 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
         write_json(tmp / REPORT_FILE, report)
     report["output_dir"] = str(out)
     return report
+
+
+def _write_alignment(plan: MergePlan, tmp: Path, out: Path) -> dict[str, str]:
+    """``mam_align.json`` beside the weights, and the recipe entry that replays it (the stored permutations, no
+    solve and no data), so ``merge --config`` writes the same bytes."""
+    if plan.alignment is None:
+        return {}
+    (tmp / ALIGN_FILE).write_text(plan.alignment.dumps(), encoding="utf-8")
+    return {"align": str(out.expanduser().absolute() / ALIGN_FILE)}
 
 
 def model_ref(ckpt: Checkpoint) -> str:
