@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from mamcli.errors import MamError
+from mamcli.families import FAMILIES, TARGET_MODALITIES
 
 CARD_FILE = "README.md"
 EVAL_FILE = "mam_eval.json"  # an evaluate report kept in the output folder, picked up by write_card
 BEGIN, END = "<!-- mam:evaluation -->", "<!-- /mam:evaluation -->"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-SPEECH_TYPES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "whisper", "sew", "sew-d", "unispeech",
-                "unispeech-sat")
-AUDIO_TYPES = ("ast", "beats")
 NOISE = {"source": "Gaussian noise with each source tensor's mean and standard deviation",
          "target": "Gaussian noise with each target tensor's mean and standard deviation",
          "normal": "standard normal noise N(0, 1)"}
@@ -288,8 +286,8 @@ def model_card(report: dict[str, Any], command: str | None, evaluation: dict[str
     src, tgt = inputs.get("source"), inputs.get("target") or {}
     task = pipeline_tag(config, (report.get("options") or {}).get("task"))
     model_type = tgt.get("model_type") or (config or {}).get("model_type")
-    modality = {"automatic-speech-recognition": "speech", "audio-classification": "audio"}.get(task or "") or (
-        "speech" if model_type in SPEECH_TYPES else "audio" if model_type in AUDIO_TYPES else None)
+    modality = {"automatic-speech-recognition": "speech", "audio-classification": "audio"}.get(task or "") or \
+        _target_modality(model_type)
     meta: dict[str, str | list[str]] = {}
     if tgt.get("format") != "beats":  # BEATs loads with its own code, not transformers
         meta["library_name"] = "transformers"
@@ -311,6 +309,12 @@ def model_card(report: dict[str, Any], command: str | None, evaluation: dict[str
     made.append("The full record is `mam_report.json`" + (" (`mam verify` checks the files against it)."
                                                           if kind == "merge" else ".") + "\n")
     return "\n".join([front_matter(meta), body, "\n".join(made), _hashes(report) + evaluation_section(evaluation)])
+
+
+def _target_modality(model_type: str | None) -> str | None:
+    """"speech" or "audio": the modality of the built-in family that lists this model type (None otherwise)."""
+    return next((f.modality for f in FAMILIES if model_type in f.model_types and f.modality in TARGET_MODALITIES),
+                None)
 
 
 def _where_id(desc: dict[str, Any]) -> str:

@@ -165,8 +165,10 @@ FAMILIES: tuple[Family, ...] = (
         layouts=(_VIT_DISK, _VIT_MEMORY), frontend=("embeddings",), **_BERT_KEYS,
     ),
     Family(
-        name="wav2vec2", description="wav2vec 2.0-style speech encoders (wav2vec2, HuBERT, WavLM, data2vec-audio)",
-        modality="speech", model_types=("wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew"),
+        name="wav2vec2", description="wav2vec 2.0-style speech encoders (wav2vec2, HuBERT, WavLM, data2vec-audio, "
+                                     "SEW, UniSpeech)",
+        modality="speech", model_types=("wav2vec2", "hubert", "wavlm", "data2vec-audio", "sew", "unispeech",
+                                        "unispeech-sat"),
         layouts=(Layout(
             layer="encoder.layers.{i}", attention="attention",
             parts={"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
@@ -180,6 +182,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("whisper",), layouts=(_FAIRSEQ_SELF_ATTN,),
         layers_keys=("encoder_layers",), hidden_keys=("d_model",), heads_keys=("encoder_attention_heads",),
         markers=(r"(^|\.)encoder\.conv1\.weight$",),
+        frontend=("encoder.conv1", "encoder.conv2"),  # the convolutions before the positions are added
     ),
     Family(
         name="beats", description="BEATs audio encoder (official .pt checkpoints, fairseq names)", modality="audio",

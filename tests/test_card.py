@@ -174,6 +174,16 @@ def test_minimal_reports_and_plain_finetune():
         model_card({"command": "evaluate"}, None)
 
 
+@pytest.mark.parametrize("model_type,tag", [("whisper", "speech"), ("unispeech-sat", "speech"),
+                                            ("audio-spectrogram-transformer", "audio"), ("beats", "audio"),
+                                            ("bert", None), ("sew-d", None)])
+def test_modality_tag_without_a_head_comes_from_the_family(model_type, tag):
+    """No config, no task: the target's modality is its family's (families.py), not a list kept here."""
+    report = {"command": "merge", "inputs": {"target": {"model_type": model_type}}}
+    tags = front_matter(model_card(report, None))["tags"]
+    assert tags[3:] == ([tag] if tag else []), tags
+
+
 def test_yaml_scalars_that_need_quotes():
     card = model_card({"command": "merge", "inputs": {"target": {"spec": "./my model: v2"},
                                                       "source": {"spec": "true"}}}, None)

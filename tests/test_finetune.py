@@ -22,6 +22,7 @@ from mamcli.errors import Interrupted, MamError
 from mamcli.finetune import FinetuneOptions, LamMerge, attach_learnable, baked_state_dict, finetune, run_dir
 from mamcli.merge import MergeOptions
 from mamcli.models import AudioModel, InMemoryMerger, ModelStore, load_audio_model
+from mamcli.tasks import CTC
 
 FSDD = f"fsdd:{SHARED}/fsdd/recordings"
 ESC10 = f"folders:{SHARED}/esc10/ESC-10"
@@ -90,20 +91,37 @@ def test_baked_checkpoint_equals_parametrised_model(tiny):
         assert torch.equal(baked["hubert.encoder.layers.1.attention.q_proj.weight"], lam * w + (1 - lam) * t_w)
 
 
-def test_resumed_run_matches_uninterrupted(tiny, tmp_path):
+def _crash_at_batch(monkeypatch, n: int) -> None:
+    """The n-th training batch's forward pass dies (a power cut): the run keeps its last checkpoint."""
+    calls, inputs = [], AudioModel.inputs
+
+    def crashing_inputs(self, audio):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("power cut")
+        return inputs(self, audio)
+
+    monkeypatch.setattr(AudioModel, "inputs", crashing_inputs)
+
+
+def test_resumed_run_matches_uninterrupted(tiny, tmp_path, monkeypatch):
     src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
     base = dict(task="asr", lam_init=0.2, learnable_lam=True, epochs=2, lr=1e-3, batch_size=2,
                 checkpoint_every=1)
     with resolve(str(tgt)) as t, resolve(str(src)) as s:
         straight = finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "straight", s)
-        stopped = finetune(t, _digits(6), None, FinetuneOptions(**base, max_steps=4), tmp_path / "resumed", s)
-        assert stopped["status"] == "stopped" and stopped["step"] == 4  # mid-epoch 2 (3 batches an epoch)
-        assert not (tmp_path / "resumed").exists() and (run_dir(tmp_path / "resumed") / "run.json").is_file()
+        _crash_at_batch(monkeypatch, 5)  # steps 1-4 done and saved: mid-epoch 2 (3 batches an epoch)
+        with pytest.raises(RuntimeError, match="power cut"):
+            finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s)
+        monkeypatch.undo()
+        assert json.loads((run_dir(tmp_path / "resumed") / "run.json").read_text())["step"] == 4
+        assert not (tmp_path / "resumed").exists()
         with pytest.raises(MamError, match="--resume"):
             finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s)
-        with pytest.raises(MamError, match=r"other options .*\(lr\)"):  # a resume cannot change the recipe
-            finetune(t, _digits(6), None, FinetuneOptions(**{**base, "lr": 2e-3}), tmp_path / "resumed", s,
-                     resume=True)
+        for changed, field in (({"lr": 2e-3}, "lr"), ({"max_steps": 5}, "max_steps")):  # the recipe stays
+            with pytest.raises(MamError, match=rf"other options .*\({field}\)"):
+                finetune(t, _digits(6), None, FinetuneOptions(**{**base, **changed}), tmp_path / "resumed", s,
+                         resume=True)
         resumed = finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s, resume=True)
     a, b = load_dir(tmp_path / "straight"), load_dir(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -263,10 +281,10 @@ def _manifest(tmp_path, rows):
 
 
 def _clip_rows(tmp_path):
-    digits = sorted((SHARED / "fsdd" / "recordings").glob("*_george_*.flac"))[:3]
+    digits = sorted((SHARED / "fsdd" / "recordings").glob("*_george_*.flac"))[:4]
     sf.write(tmp_path / "blip.wav", np.zeros(160, dtype=np.float32), 16000)  # 10 ms: no output frame
-    return [(p.stem, p, "one") for p in digits] + [("blip", tmp_path / "blip.wav", "one"),
-                                                   ("chatty", digits[0], "seven hundred and seventy seven " * 4)]
+    return [(p.stem, p, "one") for p in digits[:3]] + [("blip", tmp_path / "blip.wav", "one"),
+                                                       ("chatty", digits[3], "seven hundred and seventy seven " * 4)]
 
 
 def test_clips_the_model_cannot_learn_from_are_named_and_skipped(tiny, tmp_path):
@@ -279,7 +297,7 @@ def test_clips_the_model_cannot_learn_from_are_named_and_skipped(tiny, tmp_path)
 
 
 def test_non_finite_loss_names_the_clip_not_the_learning_rate(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("mamcli.finetune._unlearnable", lambda am, clip: None)  # let the unlearnable clip in
+    monkeypatch.setattr(CTC, "unlearnable", lambda self, am, clip: None)  # let the unlearnable clip in
     rows = [r for r in _clip_rows(tmp_path) if r[0] != "blip"]
     with resolve(str(tiny("hubert-ctc", layers=2))) as t, pytest.raises(MamError) as e:
         finetune(t, _manifest(tmp_path, rows), None, FinetuneOptions(task="asr", lr=1e-3, batch_size=2),

@@ -24,6 +24,7 @@ from mamcli.finetune import FinetuneOptions, finetune, run_dir
 from mamcli.models import AudioModel
 
 FSDD = f"fsdd:{SHARED}/fsdd/recordings"
+ESC10 = f"folders:{SHARED}/esc10/ESC-10"
 KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "grad_norm_clipped"}
 
 
@@ -141,8 +142,18 @@ def test_tampered_or_unrestorable_state_is_refused_in_one_line(tiny, tmp_path, m
         def __reduce__(self):
             return (Path.touch, (marker,))
 
+    inputs = AudioModel.inputs
+
+    def crash_in_step_2(self, audio):
+        if (run_dir(out) / "run.json").is_file():  # step 1 is saved
+            raise RuntimeError("power cut")
+        return inputs(self, audio)
+
     with resolve(str(tiny("hubert-ctc", layers=2))) as t:
-        assert finetune(t, _digits(4), None, FinetuneOptions(**{**vars(opts), "max_steps": 1}), out)["step"] == 1
+        monkeypatch.setattr(AudioModel, "inputs", crash_in_step_2)
+        with pytest.raises(RuntimeError, match="power cut"):
+            finetune(t, _digits(4), None, FinetuneOptions(**{**vars(opts), "checkpoint_every": 1}), out)
+        monkeypatch.undo()
         work = run_dir(out)
         state = work / f"state-{json.loads((work / 'run.json').read_text())['saves']}"
         monkeypatch.setattr(torch, "set_rng_state", lambda _s: None)
@@ -185,7 +196,7 @@ def test_progress_bar_on_a_terminal_shows_loss_and_lr(tiny, tmp_path, monkeypatc
     from rich.console import Console
 
     screen = io.StringIO()
-    monkeypatch.setattr("mamcli.finetune._stderr_console",
+    monkeypatch.setattr("mamcli.finetune.progress._stderr_console",
                         lambda: Console(file=screen, force_terminal=True, width=150, color_system=None))
     lines: list[str] = []
     with resolve(str(tiny("hubert-ctc", layers=2))) as t:
@@ -194,3 +205,100 @@ def test_progress_bar_on_a_terminal_shows_loss_and_lr(tiny, tmp_path, monkeypatc
     last = _rows(tmp_path / "ft")[-1]
     assert f"2/2 loss {last['loss']:.4f}  lr 0.0005" in screen.getvalue(), screen.getvalue()
     assert any(line.startswith("training on 4 clips") for line in lines)
+
+
+def test_max_steps_overrides_the_epoch_count_as_transformers_trainer_does(tiny, mam, tmp_path, monkeypatch):
+    """2 clips, batch 1, --epochs 1 --max-steps 5: five optimizer steps over three passes (the last one partial,
+    closed with its loss and dev error), the linear schedule spanning the five; a run shorter than one epoch
+    ends there with its output. A power cut in step 4 resumes to the same weights."""
+    tgt = tiny("hubert-ctc", layers=2)
+    args = ["finetune", tgt, "--data", FSDD, "--limit", "2", "--batch-size", "1", "--epochs", "1", "--lr", "1e-3",
+            "--max-steps", "5", "-q", "--format", "json"]
+    r = mam(*args, "-o", tmp_path / "ft")
+    assert r.code == 0 and r.err == "", r.err
+    report = json.loads(r.out)
+    assert report["inputs"]["train"]["clips"] == 2 and report["steps"] == 5
+    assert [(e["epoch"], e["step"]) for e in report["epochs"]] == [(1, 2), (2, 4), (3, 5)]
+    assert all(isinstance(e["train_loss"], float) and "dev_error" in e for e in report["epochs"])
+    rows = _rows(tmp_path / "ft")
+    assert [(row["step"], row["epoch"]) for row in rows] == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)]
+    assert [row["lr"] for row in rows] == pytest.approx([1e-3 * (5 - k) / 5 for k in range(5)])
+
+    inputs, saved = AudioModel.inputs, run_dir(tmp_path / "resumed") / "run.json"
+
+    def crash_in_step_4(self, audio):
+        if saved.is_file() and json.loads(saved.read_text())["step"] == 3:
+            raise RuntimeError("power cut")
+        return inputs(self, audio)
+
+    monkeypatch.setattr(AudioModel, "inputs", crash_in_step_4)
+    assert mam(*args, "--checkpoint-every", "1", "-o", tmp_path / "resumed").code == 3
+    monkeypatch.undo()
+    assert json.loads((run_dir(tmp_path / "resumed") / "run.json").read_text())["step"] == 3
+    r = mam(*args, "--resume", "-o", tmp_path / "resumed")
+    assert r.code == 0, r.err
+    a, b = load_dir(tmp_path / "ft"), load_dir(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(r.out)["epochs"] == report["epochs"] and _rows(tmp_path / "resumed") == rows
+
+    r = mam("finetune", tgt, "--data", FSDD, "--limit", "4", "--batch-size", "1", "--max-steps", "1", "-q",
+            "--format", "json", "-o", tmp_path / "short")
+    assert r.code == 0, r.err
+    short = json.loads(r.out)
+    assert short["steps"] == 1 and [(e["epoch"], e["step"]) for e in short["epochs"]] == [(1, 1)]
+    assert (tmp_path / "short" / "model.safetensors").is_file() and not run_dir(tmp_path / "short").exists()
+
+
+@pytest.mark.parametrize("kind,data,lr", [("hubert-ctc", FSDD, 1e-5), ("ast", ESC10, 1e-4)])
+def test_default_learning_rate_is_the_heads_measured_one(kind, data, lr, tiny, mam, tmp_path):
+    """Without --lr: 1e-5 for speech recognition, 1e-4 for audio events (1e-3 left Whisper's encoder near chance
+    on ESC-10: docs/finetune.md); the first step applies it."""
+    r = mam("finetune", tiny(kind, layers=2), "--data", data, "--limit", "2", "--batch-size", "2", "--max-steps", "1",
+            "-o", tmp_path / "ft", "-q", "--format", "json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["options"]["lr"] == lr and _rows(tmp_path / "ft")[0]["lr"] == lr
+    with resolve(str(tiny(kind, layers=2))) as t:  # the library: task "auto" and no lr resolve the same way
+        ds = select(load_dataset(data), limit=2)
+        options = finetune(t, ds, None, FinetuneOptions(task="auto", batch_size=2, max_steps=1),
+                           tmp_path / "lib")["options"]
+    assert (options["task"], options["lr"]) == ("asr" if kind == "hubert-ctc" else "aec", lr)
+
+
+NO_SPACE = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+@pytest.mark.parametrize("writer", ["transformers.modeling_utils.safe_save_file",  # the output's weights
+                                    "accelerate.utils.other.safe_save_file"])  # the first checkpoint's
+def test_a_full_disk_is_one_line_and_leaves_nothing(writer, tiny, mam, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own error (not an OSError): still exit 1, one line, and neither the
+    output, its temporary folder nor the run folder stays behind."""
+    from safetensors import SafetensorError
+
+    def full(*_args, **_kwargs):
+        raise SafetensorError(NO_SPACE)
+
+    monkeypatch.setattr(writer, full)
+    r = mam("finetune", tiny("hubert-ctc", layers=2), "--data", FSDD, "--limit", "2", "--batch-size", "2",
+            "-o", tmp_path / "ft", "-q")
+    monkeypatch.undo()
+    assert r.code == 1 and r.err.count("\n") == 1, r.err
+    assert r.err.startswith(f"mam: error: cannot write {tmp_path}") and "No space left on device" in r.err, r.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_shard_writing_bar_never_reaches_stderr(tiny, tmp_path, capfd):
+    """save_pretrained draws "Writing model shards" with tqdm whenever transformers' bars are on, as they are
+    in a fresh process that calls finetune() (the CLI turns them off unless -v): mam writes its output with them
+    off, and leaves them as they were."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.enable_progress_bar()
+    try:
+        with resolve(str(tiny("hubert-ctc", layers=2))) as t:
+            finetune(t, _digits(2), None, FinetuneOptions(task="asr", batch_size=2), tmp_path / "ft")
+        assert logging.is_progress_bar_enabled()
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and (tmp_path / "ft" / "model.safetensors").is_file(), err

@@ -17,6 +17,7 @@ from mamcli.data import load_audio, load_dataset
 from mamcli.errors import MamError
 from mamcli.finetune import FinetuneOptions, finetune, run_dir
 from mamcli.metrics import normaliser
+from mamcli.models import AudioModel
 
 LJ = f"ljspeech:{SHARED}/ljspeech-385"
 ESC10 = f"folders:{SHARED}/esc10/ESC-10"
@@ -78,7 +79,7 @@ def test_lmam_on_whisper_merges_the_encoder_and_replays_bit_for_bit(tiny, mam, t
     assert all(torch.equal(ft[k], original[k]) for k in ft if k not in merged)  # the decoder above all
 
 
-def test_whisper_resumed_run_equals_straight(tiny, tmp_path, caplog):
+def test_whisper_resumed_run_equals_straight(tiny, tmp_path, caplog, monkeypatch):
     """Also: Accelerate's note on the tied proj_out weight at every save is not shown (this is its check)."""
     src, tgt = tiny("bert", layers=2), tiny("whisper", layers=2)
     clips = _lj("LJ001-0008", "LJ002-0020")
@@ -86,8 +87,18 @@ def test_whisper_resumed_run_equals_straight(tiny, tmp_path, caplog):
                 checkpoint_every=100)
     with resolve(str(tgt)) as t, resolve(str(src)) as s:
         straight = finetune(t, clips, None, FinetuneOptions(**base), tmp_path / "straight", s)
-        stopped = finetune(t, clips, None, FinetuneOptions(**base, max_steps=1), tmp_path / "resumed", s)
-        assert stopped["status"] == "stopped" and (run_dir(tmp_path / "resumed") / "run.json").is_file()
+        inputs = AudioModel.inputs
+
+        def crash_in_step_2(self, audio):
+            if run_dir(tmp_path / "resumed").joinpath("run.json").is_file():  # step 1 is saved
+                raise RuntimeError("power cut")
+            return inputs(self, audio)
+
+        monkeypatch.setattr(AudioModel, "inputs", crash_in_step_2)
+        with pytest.raises(RuntimeError, match="power cut"):  # checkpoint_every may differ on --resume
+            finetune(t, clips, None, FinetuneOptions(**{**base, "checkpoint_every": 1}), tmp_path / "resumed", s)
+        monkeypatch.undo()
+        assert json.loads((run_dir(tmp_path / "resumed") / "run.json").read_text())["step"] == 1
         resumed = finetune(t, clips, None, FinetuneOptions(**base), tmp_path / "resumed", s, resume=True)
     a, b = load_dir(tmp_path / "straight"), load_dir(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

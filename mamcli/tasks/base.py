@@ -2,9 +2,11 @@
 
 A task knows how its model is loaded (the transformers auto class), which checkpoints it fits
 (``matches``/``supports``), what a dataset must hold (``check``), how a batch becomes hypotheses or
-labels (``predict``), how they are scored and described in the report, and the targets for
-fine-tuning (``labels``). The loops (evaluate, finetune) own batching, caching, train/eval mode and
-progress. Task, family (tensor names) and checkpoint format (HF, BEATs) are independent axes.
+labels (``predict``), how they are scored and described in the report, and for fine-tuning: the
+targets (``labels``), which clips the head cannot learn from (``unlearnable``), how the model is
+loaded to train (``load_for_training``: a new classifier head) and what may be frozen (``freeze``).
+The loops (evaluate, finetune) own batching, caching, train/eval mode and progress. Task, family
+(tensor names) and checkpoint format (HF, BEATs) are independent axes.
 """
 
 from __future__ import annotations
@@ -13,14 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
+from torch import nn
 
 from mamcli.errors import MamError
 from mamcli.metrics import asr_scores, describe_normaliser, resolve_normaliser
 
 if TYPE_CHECKING:
-    from mamcli.data import Dataset, Item
+    from mamcli.checkpoint import Checkpoint
+    from mamcli.data import Clip, Dataset, Item
+    from mamcli.families import Arch
     from mamcli.models import AudioModel
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,13 @@ class Predicted:
     at_bound: list[bool] = field(default_factory=list)
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:  # a family's front end names modules some of its models lack
+        return None
+
+
 def _architectures(config: dict[str, Any]) -> list[str]:
     return [str(a) for a in config.get("architectures") or []]
 
@@ -53,7 +68,8 @@ class Task:
     auto_class: ClassVar[str]  # transformers auto class that loads the head
     mapping: ClassVar[str]  # transformers' model_type → class table of that auto class
     arch_suffixes: ClassVar[tuple[str, ...]]  # config.architectures endings that mean this head
-    default_lr: ClassVar[float]
+    default_lr: ClassVar[float]  # fine-tuning's --lr unless given (docs/finetune.md says where each was measured)
+    has_decoder: ClassVar[bool] = False  # a decoder of its own (--freeze-decoder)
     needs_tokenizer: ClassVar[bool] = False
     default_normalizer: ClassVar[str | None] = None  # ASR tasks: what "auto" means
     cpu_batch_size: ClassVar[int] = 1  # clips per batch on CPU unless asked (models.default_batch_size)
@@ -108,6 +124,41 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "head": self.kind}
+
+    # ---- fine-tuning ---------------------------------------------------------------------------
+    def load_for_training(self, target: Checkpoint, labels: list[str], device: str) -> AudioModel:
+        """The model to train, in float32 everywhere (a half-precision checkpoint would train in fp16 on a
+        GPU); ``labels``: the training data's, for a head that is built for them."""
+        from mamcli.models import load_audio_model
+
+        return load_audio_model(target, self, device, dtype=torch.float32)
+
+    def unlearnable(self, am: AudioModel, clip: Clip) -> str | None:
+        """Why the head cannot learn from this clip (None: it can). Such a clip gives an infinite or undefined
+        loss, which would otherwise surface later as a "non-finite loss" with the wrong advice."""
+        if not np.isfinite(clip.audio).all():
+            return "its audio holds NaN or infinite samples"
+        return None
+
+    def freeze(self, am: AudioModel, arch: Arch, *, feature_encoder: bool, decoder: bool) -> None:
+        """Keep parts out of training: the convolutional front end (transformers' ``freeze_feature_encoder``,
+        else the family's front end when it is all convolutions: Whisper's conv1/conv2) and the decoder."""
+        model = am.model
+        if feature_encoder:
+            if hasattr(model, "freeze_feature_encoder"):
+                model.freeze_feature_encoder()
+            else:
+                convs = [_submodule(model, arch.prefix + name) for name in arch.family.frontend]
+                if not convs or not all(isinstance(m, CONVOLUTIONS) for m in convs):
+                    raise MamError(f"--freeze-feature-encoder: {am.ckpt.spec} has no convolutional front end "
+                                   "that mam knows")
+                for module in convs:
+                    module.requires_grad_(False)
+        if decoder:
+            if not self.has_decoder:
+                raise MamError(f"--freeze-decoder: {am.ckpt.spec} has no decoder (only sequence-to-sequence "
+                               "models do)")
+            model.get_decoder().requires_grad_(False)
 
 
 class SpeechRecognition(Task):

@@ -19,7 +19,7 @@ from mamcli.errors import MamError
 from mamcli.tasks.base import Predicted, SpeechRecognition, TaskOptions
 
 if TYPE_CHECKING:
-    from mamcli.data import Item
+    from mamcli.data import Clip, Item
     from mamcli.models import AudioModel
 
 # Read English runs at about 3.2 Whisper tokens per second (LJ Speech: median 3.1, fastest clip 4.8, digits and
@@ -63,6 +63,7 @@ class Seq2Seq(SpeechRecognition):
     arch_suffixes = ("ForConditionalGeneration",)
     default_normalizer = "whisper"
     cpu_batch_size = 8  # the batch shares each decoder step (benchmarks/whisper_bench.py)
+    has_decoder = True
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         super().__init__(options)
@@ -143,6 +144,15 @@ class Seq2Seq(SpeechRecognition):
         for k, row in enumerate(rows):
             out[k, :len(row)] = torch.tensor(row)
         return out
+
+    def unlearnable(self, am: AudioModel, clip: Clip) -> str | None:
+        """Also: a transcript longer than the decoder's positions."""
+        why = super().unlearnable(am, clip)
+        if why is not None:
+            return why
+        ids = self.labels(am, [clip.item])[0]
+        tokens, longest = int((ids != -100).sum()), int(am.model.config.max_target_positions)
+        return f"its transcript is {tokens} tokens; the decoder takes at most {longest}" if tokens > longest else None
 
     def describe(self) -> dict[str, Any]:
         beams = self.options.beams
