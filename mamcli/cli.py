@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -24,20 +24,30 @@ from typer._click.exceptions import NoArgsIsHelpError
 
 from mamcli.errors import Interrupted, MamError
 from mamcli.metrics import NORMALISERS, RANK_METRICS
-from mamcli.tables import FORMATS, render
+from mamcli.report import printable
+from mamcli.tables import FORMATS, metric_name, render, sweep_columns, sweep_for_files, sweep_for_people
 
 if TYPE_CHECKING:
     import torch
 
-    from mamcli.data import Dataset
     from mamcli.families import Family
     from mamcli.merge import MergePlan
+    from mamcli.splits import Corpus
 
 T = TypeVar("T")
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Multimodal Attention Merging: interpolate text/image attention Q/K/V into speech/audio models.")
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # a line per message: logs stay grep-able
+
+
+class _Stderr(Console):
+    """stderr. A path given with a byte that is not UTF-8 shows it as \\xNN: such text would fail the write."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+err = _Stderr(stderr=True, highlight=False, soft_wrap=True)  # a line per message: logs stay grep-able
 
 ArchMapOpt = Annotated[list[Path] | None, typer.Option("--arch-map", help="Extra architecture family (JSON/TOML).")]
 PartsOpt = Annotated[str, typer.Option("--parts", help="Comma list of q,k,v,o.")]
@@ -136,7 +146,7 @@ def _logging(verbose: bool, quiet: bool) -> None:
 def _command_line() -> str:
     from mamcli.card import command_line
 
-    return command_line(ARGV)
+    return command_line([printable(a) for a in ARGV])
 
 
 def _version(value: bool) -> None:
@@ -167,12 +177,12 @@ def _parts(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def _dtype(name: OutDtype | None) -> torch.dtype | None:
+def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     from mamcli.merge import OUT_DTYPES
 
-    return OUT_DTYPES[name.value]
+    return OUT_DTYPES[name]
 
 
 def _plan_rows(plan: MergePlan, with_lam: bool) -> list[dict[str, Any]]:
@@ -245,40 +255,33 @@ def merge_cmd(
 
     _logging(verbose, quiet)
     fmt = Format.json if json_out else fmt
-    recipe_lams: dict[int, dict[str, float]] | None = None
-    if config is not None:
-        from mamcli.recipe import load_recipe
+    flags = {"source": source, "target": target, "out": out, "lam": lam, "lams": lams, "layers": layers,
+             "parts": parts, "bias": bias, "noise": noise.value if noise else None, "seed": seed,
+             "layer_map": layer_map, "shard_size": shard_size, "out_dtype": out_dtype.value if out_dtype else None,
+             "revision": revision, "arch_map": arch_map}
+    if config is None:
+        o = {**flags, "lam_table": None}
+    else:
+        from mamcli.recipe import load_recipe, overlay
 
-        given = load_recipe(config).values
-        if "lams" in given and isinstance(given["lams"], dict):
-            recipe_lams = given.pop("lams")
-        taken = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != ParameterSource.COMMANDLINE}
-        source, target = taken.get("source", source), taken.get("target", target)
-        out = Path(taken["out"]) if taken.get("out") is not None else out
-        lam, lams = taken.get("lam", lam), Path(taken["lams"]) if taken.get("lams") is not None else lams
-        layers, parts = taken.get("layers", layers), taken.get("parts", parts)
-        bias, seed, layer_map = taken.get("bias", bias), taken.get("seed", seed), taken.get("layer_map", layer_map)
-        noise = Noise(taken["noise"]) if taken.get("noise") is not None else noise
-        out_dtype = OutDtype(taken["out_dtype"]) if taken.get("out_dtype") is not None else out_dtype
-        shard_size = str(taken["shard_size"]) if taken.get("shard_size") is not None else shard_size
-        revision = taken.get("revision", revision)
-        arch_map = [Path(p) for p in taken["arch_map"]] if taken.get("arch_map") else arch_map
-        if recipe_lams is not None and (lam is not None or lams is not None):
-            recipe_lams = None  # a λ given on the command line replaces the recipe's table
-    if source is None or target is None:
+        o = overlay(load_recipe(config), flags,
+                    given={k for k in flags if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE})
+    if o["source"] is None or o["target"] is None:
         raise typer.BadParameter("give SOURCE and TARGET, or a --config recipe that names them")
+    out = o["out"]
     if out is None and not dry_run:
         raise MamError("give an output directory with -o DIR (or --dry-run)")
-    options = MergeOptions(lam=lam, layers=layers, lams_file=lams, lams=recipe_lams, parts=_parts(parts), bias=bias,
-                           noise=noise.value if noise else None, seed=seed, layer_map=layer_map)
+    options = MergeOptions(lam=o["lam"], layers=o["layers"], lams_file=o["lams"], lams=o["lam_table"],
+                           parts=_parts(o["parts"]), bias=o["bias"], noise=o["noise"], seed=o["seed"],
+                           layer_map=o["layer_map"])
     options.validate()
-    families = _families(arch_map)
-    size = parse_size(shard_size) if shard_size else None
-    dtype = _dtype(out_dtype)
-    extra = {"arch_map": [str(p.expanduser().absolute()) for p in arch_map]} if arch_map else {}
+    families = _families(o["arch_map"])
+    size = parse_size(o["shard_size"]) if o["shard_size"] else None
+    dtype = _dtype(o["out_dtype"])
+    extra = {"arch_map": [str(p.expanduser().absolute()) for p in o["arch_map"]]} if o["arch_map"] else {}
     with ExitStack() as stack:
-        src = stack.enter_context(resolve(source, revision))
-        tgt = stack.enter_context(resolve(target, revision))
+        src = stack.enter_context(resolve(o["source"], o["revision"]))
+        tgt = stack.enter_context(resolve(o["target"], o["revision"]))
         if dry_run:
             _print_plan(plan_merge(src, tgt, options, families), fmt, with_lam=True)
             return
@@ -335,31 +338,12 @@ TextColumnOpt = Annotated[str | None, typer.Option("--text-column", help="Transc
 LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="Label column (HF dataset, manifest).")]
 
 
-@dataclass
-class _Data:
-    """The data options of a command; ``part(name)`` reads each corpus once, however many parts are used."""
+def _corpus(spec: str, text_field: TextField, subset: str | None, text_column: str | None,
+            label_column: str | None, dev_fraction: float, folds: str | None, limit: int | None,
+            seed: int) -> Corpus:
+    from mamcli.splits import Corpus
 
-    spec: str
-    text_field: TextField
-    subset: str | None
-    text_column: str | None
-    label_column: str | None
-    dev_fraction: float
-    folds: str | None
-    limit: int | None
-    seed: int
-    corpora: dict[str | None, Dataset] = field(default_factory=dict)
-
-    def part(self, name: str, fraction: float | None = None) -> Dataset:
-        """``all``, ``dev``, ``test`` or ``train`` (everything outside dev), as the corpus defines them."""
-        from mamcli.data import load_dataset, own_split, parse_folds, select
-
-        subset, split = own_split(self.spec, name, self.subset)
-        if subset not in self.corpora:
-            self.corpora[subset] = load_dataset(self.spec, self.text_field.value, subset=subset,
-                                                text_column=self.text_column, label_column=self.label_column)
-        return select(self.corpora[subset], split, self.dev_fraction, self.seed, parse_folds(self.folds),
-                      self.limit, fraction)
+    return Corpus(spec, text_field.value, subset, text_column, label_column, dev_fraction, folds, limit, seed)
 
 
 def _note(msg: str) -> None:
@@ -413,7 +397,8 @@ class _Stages:
              "--fraction 0.1 --metric all -o ranking.json")
 def rank_cmd(
     source: Annotated[str, typer.Argument(help="Source (text) model, with its tokenizer.")],
-    target: Annotated[str, typer.Argument(help="Target (speech) model, with its feature extractor.")],
+    target: Annotated[str, typer.Argument(help="Target (speech or audio) model, with its feature extractor: CTC, "
+                                          "Whisper (its encoder's layers) or an audio-event classifier.")],
     data: DataOpt,
     metric: Annotated[Metric, typer.Option("--metric", help="Similarity metric, or all three.")] = Metric.swd,
     fraction: Annotated[float | None, typer.Option("--fraction", callback=_fraction,
@@ -453,7 +438,7 @@ def rank_cmd(
                        batch_size=batch_size, layer_map=layer_map, strict=strict, device=device, dtype=dtype.value)
     opts.metrics()
     _check_report_paths(out, plot)
-    ds = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed).part(
+    ds = _corpus(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed).part(
         split.value, fraction)
     with resolve(source) as src, resolve(target) as tgt, _Stages(quiet or not procs.main) as stages:
         report = rank_layers(src, tgt, ds, opts, _families(arch_map), progress=stages.note, ticker=stages.tick,
@@ -486,10 +471,12 @@ def _floats(text: str, what: str) -> list[float]:
 @app.command("evaluate", epilog="Example: mam evaluate whisper-small --data ljspeech:LJSpeech-1.1 --source "
              "bert-base --lam 0,0.05,0.1 --pick-on-dev --format csv -o eval.json")
 def evaluate_cmd(
-    target: Annotated[str, typer.Argument(help="Speech (CTC) or audio-event model to evaluate.")],
+    target: Annotated[str, typer.Argument(help="Model to evaluate: speech recognition, CTC (wav2vec 2.0, HuBERT) "
+                                          "or sequence-to-sequence (Whisper), or an audio-event classifier (AST, "
+                                          "BEATs).")],
     data: DataOpt,
-    task: Annotated[Task, typer.Option("--task", help="Speech recognition, audio events, or auto (from the "
-                                       "model's head).")] = Task.auto,
+    task: Annotated[Task, typer.Option("--task", help="asr: speech recognition (CTC or Whisper), aec: audio-event "
+                                       "classification, auto: from the model's head.")] = Task.auto,
     source: Annotated[str | None, typer.Option("--source", help="Source model for a λ sweep.")] = None,
     lam: Annotated[str, typer.Option("--lam", help="Comma list of λ, e.g. 0,0.05,0.1.")] = "0",
     layers: Annotated[str | None, typer.Option("--layers", help="Layers merged at each point.")] = None,
@@ -522,7 +509,7 @@ def evaluate_cmd(
     baseline: Annotated[str, typer.Option("--baseline", help="The row the paired statistics compare with: "
                                           "target (λ = 0) or LAYERS|λ|COLUMN of a sweep point.")] = "target",
     resamples: Annotated[int, typer.Option("--resamples", min=1, help="Paired bootstrap resamples of the 95 % "
-                                           "interval.")] = 1000,
+                                           "interval.")] = 10000,
     cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, callback=_finite,
                                             help="Memory for replaying unmerged layers in a sweep "
                                             "(about 2 GB per hour of audio); batches beyond it run in full.")] = 4.0,
@@ -535,13 +522,17 @@ def evaluate_cmd(
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Word error rate (CTC ASR) or classification error (audio events), optionally over a merge sweep."""
+    """Word error rate (CTC or Whisper) or classification error (audio events), optionally over a merge sweep.
+
+    stdout: each model's error (λ, layers, source or noise; percent on the table, a fraction in CSV, TSV and
+    JSON), its relative reduction, and the paired difference to the baseline with its 95 % interval.
+    """
     import time
 
     from mamcli.checkpoint import resolve
     from mamcli.distributed import launched
     from mamcli.evaluate import EvalOptions, Evaluator, SweepOptions, best_point, evaluate_report, sweep
-    from mamcli.report import write_json
+    from mamcli.report import write_evaluation
 
     started = time.perf_counter()
     procs = launched()  # under torchrun / accelerate launch: this process scores its share of the clips
@@ -565,7 +556,7 @@ def evaluate_cmd(
 
             check_roles(src.arch(families), tgt.arch(families), src.spec, tgt.spec)
         first = "dev" if pick_on_dev else split.value
-        corpus = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
+        corpus = _corpus(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
         ds = corpus.part(first)
         stages = stack.enter_context(_Stages(quiet or not procs.main))
         note = stages.note
@@ -595,36 +586,28 @@ def evaluate_cmd(
         return
     for b in bad_clips:
         _note(f"skipped clip {b['id']}: {b['error']}")
-    title = "error by λ (rel.red.: relative error reduction; Δ: paired difference to λ = 0, 95 % interval)"
-    _out(render(rows if fmt != Format.table else _for_people(rows), fmt, title=title))
+    sweep_result = result["dev"] if pick_on_dev else result
+    metric = "wer" if "wer" in sweep_result["baseline"] else "error"
+    people = fmt == Format.table
+    _out(render(sweep_for_people(rows, metric) if people else sweep_for_files(rows, metric), fmt, width=120,
+                title=_evaluate_title(metric, first, pick_on_dev, sw.baseline, sweep=bool(sweep_columns(rows)))))
     if out is not None:  # after the results: a full disk or a vanished folder loses no result
-        write_json(out, report)
-        from mamcli.card import CARD_FILE, EVAL_FILE, add_evaluation
-
-        # `-o OUT/mam_eval.json` of a mam output: its model card shows the measured table too
-        if out.resolve() == (tgt.root / EVAL_FILE).resolve() and (tgt.root / CARD_FILE).is_file():
-            add_evaluation(tgt.root, report)
+        write_evaluation(out, report, tgt.root)
     if plot is not None:
-        _plot_sweep(result["dev"] if pick_on_dev else result, plot)
+        from mamcli.plots import sweep_plot
+
+        sweep_plot(sweep_result, metric, first, plot)
 
 
-def _for_people(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The table on a terminal: a column's Δ and its interval in one cell, clips better/worse in another
-    (CSV, TSV and JSON keep every number apart, for spreadsheets)."""
-    out = []
-    for row in rows:
-        new: dict[str, Any] = {}
-        for k, v in row.items():
-            column, _, stat = k.rpartition(" ")
-            if stat == "delta":
-                lo, hi = row[f"{column} delta_lo"], row[f"{column} delta_hi"]
-                new[f"{column} Δ [95% CI]"] = f"{v:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            elif stat == "better":
-                new[f"{column} better/worse"] = f"{v}/{row[f'{column} worse']}"
-            elif stat not in ("delta_lo", "delta_hi", "worse", "same") or not column:
-                new[k] = v
-        out.append(new)
-    return out
+def _evaluate_title(metric: str, split: str, pick_on_dev: bool, baseline: str, sweep: bool) -> str:
+    name = metric_name(metric)
+    where = "on dev (the sweep) and test (the best point on dev)" if pick_on_dev else \
+        "on all clips" if split == "all" else f"on the {split} split"
+    if not sweep:
+        return f"{name} in percent {where}"
+    against = "λ = 0" if baseline == "target" else baseline
+    return (f"{name} in percent {where}; rel. red.: relative error reduction; Δ: paired difference to {against} "
+            "in percentage points, 95 % interval")
 
 
 def _point_name(p: dict[str, Any]) -> str:
@@ -643,28 +626,16 @@ def _check_report_paths(*paths: Path | None) -> None:
             check_writable(path)
 
 
-def _plot_sweep(result: dict[str, Any], path: Path) -> None:
-    from mamcli.plots import line_plot
-
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    base = result["baseline"]["error"]
-    for p in result["points"]:
-        if p["column"] == "target":
-            continue
-        name = f"{p['column']} (layers {p['layers']})"
-        xs, ys = series.setdefault(name, ([0.0], [base]))
-        xs.append(p["lam"])
-        ys.append(p["error"])
-    line_plot(series, "λ", "error", "error against λ", path)
-
-
 @app.command("finetune", epilog="Example: mam finetune hubert-large --data ljspeech:LJSpeech-1.1 --source "
              "bert-large --learnable-lam --lam-init 0.1 -o ft-lmam/")
 def finetune_cmd(
-    target: Annotated[str, typer.Argument(help="Speech (CTC) or audio-event model to fine-tune.")],
+    target: Annotated[str, typer.Argument(help="Model to fine-tune: speech recognition, CTC (wav2vec 2.0, HuBERT) "
+                                          "or sequence-to-sequence (Whisper), or an audio-event classifier (AST, "
+                                          "BEATs).")],
     data: DataOpt,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory (checkpoint, lams.json, report).")],
-    task: Annotated[Task, typer.Option("--task", help="Speech recognition, audio events, or auto.")] = Task.auto,
+    task: Annotated[Task, typer.Option("--task", help="asr: speech recognition (CTC or Whisper), aec: audio-event "
+                                       "classification, auto: from the model's head.")] = Task.auto,
     source: Annotated[str | None, typer.Option("--source", help="Source model: MAM or L-MAM.")] = None,
     learnable_lam: Annotated[bool, typer.Option("--learnable-lam", help="L-MAM: learn λ per layer.")] = False,
     lam_init: Annotated[float | None, typer.Option("--lam-init", min=0.0, max=1.0, callback=_finite,
@@ -675,7 +646,8 @@ def finetune_cmd(
     parts: PartsOpt = "q,k,v",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
     lr: Annotated[float | None, typer.Option("--lr", callback=_positive,
-                                             help="Default: 1e-5 for ASR, 1e-3 for audio events.")] = None,
+                                             help="Default per head: 1e-5 for speech recognition, 1e-4 for audio "
+                                             "events (measured: docs/finetune.md).")] = None,
     lam_lr: Annotated[float, typer.Option("--lam-lr", callback=_positive,
                                           help="Learning rate of the λ logits.")] = 1e-2,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
@@ -683,7 +655,8 @@ def finetune_cmd(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Linear warm-up steps.")] = 0,
     freeze_feature_encoder: Annotated[bool, typer.Option("--freeze-feature-encoder")] = False,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop (resumably) after N steps.")]
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Train for N optimizer steps, past "
+                                                  "--epochs if need be (as transformers' Trainer); resumable.")]
     = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")]
     = 50,
@@ -724,24 +697,21 @@ def finetune_cmd(
     from mamcli.checkpoint import resolve
     from mamcli.finetune import FinetuneOptions, finetune
     from mamcli.report import dumps
-    from mamcli.tasks import resolve as resolve_task
 
     _logging(verbose, quiet)
     with ExitStack() as stack:
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
-        head = resolve_task(task.value, tgt.config, tgt.spec)
-        opts = FinetuneOptions(task=head.name, lam_init=lam_init, learnable_lam=learnable_lam, layers=layers,
-                               layer_map=layer_map,
-                               per_part=per_part, parts=_parts(parts), epochs=epochs,
-                               lr=lr if lr is not None else head.default_lr, lam_lr=lam_lr,
+        opts = FinetuneOptions(task=task.value, lam_init=lam_init, learnable_lam=learnable_lam, layers=layers,
+                               layer_map=layer_map, per_part=per_part, parts=_parts(parts), epochs=epochs,
+                               lr=lr, lam_lr=lam_lr,  # lr None: the task's measured default
                                batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
                                freeze_feature_encoder=freeze_feature_encoder, seed=seed, max_steps=max_steps,
                                checkpoint_every=checkpoint_every, device=device, normalizer=normalizer.value,
                                freeze_decoder=freeze_decoder, language=language, beams=beams,
                                max_grad_norm=max_grad_norm, mixed_precision=mixed_precision.value,
                                log_with=log_with.value if log_with else None)
-        corpus = _Data(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
+        corpus = _corpus(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
         train, dev = corpus.part("train"), corpus.part("dev")
         report = finetune(tgt, train, dev, opts, out, src, resume=resume, force=force,
                           families=_families(arch_map), progress=None if quiet else _note,
@@ -844,7 +814,7 @@ class StdoutError(MamError):
 def _out(text: str) -> None:
     """Results to stdout, flushed, so a full or closed stdout is an error of its own (exit 1), named."""
     try:
-        sys.stdout.write(text)
+        sys.stdout.write(printable(text))
         sys.stdout.flush()
     except OSError as e:
         with contextlib.suppress(OSError):  # point fd 1 at /dev/null: the exit flush cannot fail again

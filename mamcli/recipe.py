@@ -8,6 +8,7 @@ recipe may use the flags' own forms instead (``lam`` + ``layers``, a ``lams`` fi
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,17 +16,13 @@ from typing import Any
 from mamcli.errors import MamError, UsageError
 
 RECIPE_FILE = "mam_recipe.yaml"
-# key → the types its value may have (the CLI flag of the same name, with _ for -)
-KEYS: dict[str, tuple[type, ...]] = {
-    "source": (str,), "target": (str,), "out": (str,), "lam": (int, float), "lams": (str, dict, list),
-    "layers": (str, int, list), "parts": (str, list), "bias": (bool,), "noise": (str,), "seed": (int,),
-    "layer_map": (str, list), "shard_size": (str, int), "out_dtype": (str,), "revision": (str,),
-    "arch_map": (str, list),
-}
 
 
 @dataclass
 class Recipe:
+    """The keys a recipe sets, typed by :class:`mamcli.schemas.MergeRecipe`; ``lams`` is a λ file's path or
+    the per-layer table ``{layer: {part: λ}}``."""
+
     values: dict[str, Any]
     path: Path
 
@@ -33,14 +30,11 @@ class Recipe:
         return self.values.get(key)
 
 
-def _as_list_spec(value: Any) -> str:
-    """``[0, 4, 7]`` → ``"0,4,7"``: lists are written as the comma lists the flags take."""
-    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
-
-
 def load_recipe(path: Path) -> Recipe:
     """Read and check a recipe: YAML mapping, known keys, values of the flags' types; one line when not."""
     import yaml
+
+    from mamcli.schemas import MergeRecipe, check
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -56,37 +50,34 @@ def load_recipe(path: Path) -> Recipe:
         raise MamError(f"recipe {path} is not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise MamError(f"recipe {path}: expected a mapping of merge options, got {type(data).__name__}")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in KEYS:
-            raise UsageError(f"recipe {path}: unknown key {key!r} (known: {', '.join(KEYS)})")
-        if value is not None and (not isinstance(value, KEYS[name]) or (isinstance(value, bool) and bool not in
-                                                                        KEYS[name])):
-            want = " or ".join(t.__name__ for t in KEYS[name])
-            raise MamError(f"recipe {path}: {key} must be {want}, got {type(value).__name__}")
-        values[name] = value
-    for name in ("layers", "parts", "layer_map"):
-        if values.get(name) is not None:
-            values[name] = _as_list_spec(values[name])
+    named = {str(key).replace("-", "_"): value for key, value in data.items()}
+    for key, name in zip(data, named, strict=True):
+        if name not in MergeRecipe.model_fields:  # a typo is a usage error (exit 2), as an unknown flag is
+            raise UsageError(f"recipe {path}: unknown key {key!r} (known: {', '.join(MergeRecipe.model_fields)})")
+    values = {k: v for k, v in check(MergeRecipe, named, path, "recipe") if v is not None}  # as validated
     lams = values.get("lams")
     if isinstance(lams, list):  # one list for every part merged
-        lams = dict.fromkeys((p.strip() for p in (values.get("parts") or "q,k,v").split(",")), lams)
+        lams = dict.fromkeys((p.strip() for p in values.get("parts", "q,k,v").split(",")), lams)
     if isinstance(lams, dict):
-        values["lams"] = table_to_lams(lams, path)
-    elif isinstance(lams, str):
-        values["lams"] = Path(lams)
-    if isinstance(values.get("arch_map"), str):
-        values["arch_map"] = [values["arch_map"]]
+        values["lams"] = table_to_lams(lams)
     return Recipe(values, path)
 
 
-def table_to_lams(table: dict[str, Any], path: Path) -> dict[int, dict[str, float]]:
-    """``{q: [λ0, λ1, …], k: …}`` (the report's per-part table) → ``{layer: {part: λ}}`` of non-zero λ."""
-    from mamcli.schemas import LAM_TABLE, check
+def overlay(recipe: Recipe, flags: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
+    """The merge's options: a flag given on the command line (``given``) wins, then the recipe, then the flag's
+    default. The recipe's per-layer λ table comes back as ``lam_table`` (``lams`` is only ever a file), unless
+    a λ is set otherwise (``lam`` or ``lams``): that replaces the table, as one λ source excludes another."""
+    values = dict(flags) | {k: v for k, v in recipe.values.items() if k not in given}
+    table = values.pop("lams") if isinstance(values.get("lams"), dict) else None
+    values.setdefault("lams", flags.get("lams"))
+    values["lam_table"] = table if values["lam"] is None and values["lams"] is None else None
+    return values
 
+
+def table_to_lams(table: dict[str, list[float]]) -> dict[int, dict[str, float]]:
+    """``{q: [λ0, λ1, …], k: …}`` (the report's per-part table) → ``{layer: {part: λ}}`` of non-zero λ."""
     lams: dict[int, dict[str, float]] = {}
-    for part, values in check(LAM_TABLE, table, path, "recipe").items():
+    for part, values in table.items():
         for i, lam in enumerate(values):
             if lam:
                 lams.setdefault(i, {})[part] = float(lam)

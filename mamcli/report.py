@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import resource
 import sys
 from pathlib import Path
@@ -31,8 +32,19 @@ def peak_rss_mib() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
+_UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, as os.fsdecode keeps it (PEP 383)
+
+
+def printable(text: str, *, in_json: bool = False) -> str:
+    """``text`` with each byte that is not UTF-8 shown as ``\\xNN``, as a file name given on the command line
+    may hold: such text cannot be written to a UTF-8 stream or file as it is. ``in_json``: the backslash is
+    escaped, for text inside a JSON string."""
+    slash = "\\\\" if in_json else "\\"
+    return _UNDECODED.sub(lambda m: f"{slash}x{ord(m[0]) - 0xDC00:02x}", text)
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n"
+    return printable(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=str), in_json=True) + "\n"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -47,3 +59,14 @@ def write_json(path: Path, obj: Any) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise MamError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def write_evaluation(path: Path, report: dict[str, Any], model: Path) -> None:
+    """Write an evaluate report to ``path``. When that is the evaluated model folder's ``mam_eval.json`` and the
+    folder is a mam output with a model card, the card shows the measured table too (its hash in
+    mam_report.json follows, so `mam verify` stays green): the card says what the model scores, where it lives."""
+    from mamcli.card import CARD_FILE, EVAL_FILE, add_evaluation
+
+    write_json(path, report)
+    if path.resolve() == (model / EVAL_FILE).resolve() and (model / CARD_FILE).is_file():
+        add_evaluation(model, report)

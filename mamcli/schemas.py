@@ -14,7 +14,17 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+)
 from pydantic import ValidationError as _ValidationError
 
 from mamcli.errors import MamError
@@ -64,6 +74,46 @@ class ReportLams(_Open):
 
 LAMS = TypeAdapter(LamList | LamsFile | ReportLams)
 LAM_TABLE = TypeAdapter(LamTable)
+
+
+def _comma_list(value: str | int | list[str | int]) -> str:
+    """``[0, 4, 7]`` → ``"0,4,7"``: a list in a recipe is the comma list its flag takes."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _path(value: str) -> Path:
+    return Path(value)
+
+
+def _paths(value: str | list[str]) -> list[Path]:
+    """One ``--arch-map`` file or a list of them."""
+    return [Path(p) for p in ([value] if isinstance(value, str) else value)]
+
+
+CommaList = Annotated[StrictStr | StrictInt | list[StrictStr | StrictInt], AfterValidator(_comma_list)]
+AsPath = Annotated[StrictStr, AfterValidator(_path)]
+
+
+class MergeRecipe(BaseModel):
+    """``mam_recipe.yaml``: the options of `mam merge`, each under its flag's name (``_`` for ``-``), already in
+    the types the merge takes, so a recipe overlays the flags key by key with no conversion of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: StrictStr | None = None
+    target: StrictStr | None = None
+    out: AsPath | None = None
+    lam: StrictFloat | StrictInt | None = None
+    lams: AsPath | LamTable | LamList | None = None  # a λ file, or the per-part table an output's recipe holds
+    layers: CommaList | None = None
+    parts: CommaList | None = None
+    bias: StrictBool | None = None
+    noise: Literal["source", "target", "normal"] | None = None  # merge.NOISE_KINDS
+    seed: Annotated[StrictInt, Field(ge=0)] | None = None
+    layer_map: CommaList | None = None
+    shard_size: Annotated[StrictStr | StrictInt, AfterValidator(_comma_list)] | None = None  # 2GB, or bytes
+    out_dtype: Literal["fp32", "fp16", "bf16"] | None = None  # merge.OUT_DTYPES
+    revision: StrictStr | None = None
+    arch_map: Annotated[StrictStr | list[StrictStr], AfterValidator(_paths)] | None = None
 
 
 class ShardIndex(_Open):

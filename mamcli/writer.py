@@ -9,6 +9,7 @@ Outputs are read back with ``safe_open`` in the tests.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -199,11 +200,25 @@ NAME_MAX = 255  # bytes in one path component on the usual file systems
 REPORT_FILE = "mam_report.json"  # what marks a folder as written by mam
 
 
+def _short_name(out: Path, room: int) -> str:
+    """``out.name`` cut to ``room`` bytes as the file system stores it: a name holding bytes that are not UTF-8
+    (a surrogate-escaped str from the command line) is measured and cut as those bytes, never encoded as UTF-8."""
+    raw = os.fsencode(out.name)
+    return out.name if len(raw) <= room else os.fsdecode(raw[:room].decode(errors="ignore").encode())
+
+
 def _hidden_sibling(out: Path, kind: str) -> str:
     """``.NAME.PID.<kind>``, with NAME shortened so a legal output name never gives an illegal sibling."""
     room = NAME_MAX - len(f"..{os.getpid()}.") - 32  # 32: the kind, or mkdtemp's random part and ".mam-tmp"
-    name = out.name if len(out.name.encode()) <= room else out.name.encode()[:room].decode(errors="ignore")
-    return f".{name}.{os.getpid()}.{kind}"
+    return f".{_short_name(out, room)}.{os.getpid()}.{kind}"
+
+
+LOCK_SUFFIX = ".mam-lock"
+
+
+def lock_path(out: Path) -> Path:
+    """``.NAME.mam-lock`` beside ``out``: the lock lives with what it protects, on the same file system."""
+    return out.with_name(f".{_short_name(out, NAME_MAX - 1 - len(LOCK_SUFFIX))}{LOCK_SUFFIX}")
 
 
 def _protected(out: Path, inputs: Iterable[Path]) -> str | None:
@@ -257,7 +272,7 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[Path] = ()) -> Non
 def check_writable(path: Path, folder: bool = False) -> None:
     """The nearest existing ancestor of ``path`` must be a writable folder, and ``path`` of the right kind."""
     path = path.expanduser().absolute()
-    if len(path.name.encode()) > NAME_MAX:
+    if len(os.fsencode(path.name)) > NAME_MAX:
         raise MamError(f"{path.name[:40]}…: file name longer than {NAME_MAX} bytes")
     if path.exists() and path.is_dir() != folder:
         raise MamError(f"{path} exists and is {'not ' if folder else ''}a folder")
@@ -297,29 +312,70 @@ def remove_stale(out: Path, note: Callable[[str], None] | None = None) -> list[P
     return removed
 
 
+class _Busy(Exception):
+    """Another process holds the lock."""
+
+
+# a file system that cannot lock at all (some FUSE and SMB mounts): the run goes on unlocked, as the output is
+# still renamed into place whole and a second run finds it there ("appeared while this run worked")
+NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+
+
+def _flock(path: Path) -> int | None:
+    """Open and lock ``path`` exclusively without waiting; the descriptor, :class:`_Busy`, or None where the
+    file system has no locks.
+
+    The file is unlinked by its holder on release, so a lock taken on a file that was unlinked meanwhile
+    guards nothing: the inode is checked against the path's and the lock taken again on the new file."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _Busy from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in NO_LOCKING:
+                path.unlink(missing_ok=True)
+                return None
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """An exclusive lock on the output path for the whole run, so two runs on one -o cannot both write it:
-    the second is refused at once. The lock file lives in mam's cache (named by the path's hash), so
-    nothing is left beside the user's output."""
-    from filelock import FileLock, Timeout
-
-    from mamcli.checkpoint import cache_dir
-
+    the second is refused at once. The lock is a file beside the output (:func:`lock_path`), not in mam's
+    cache: it needs nothing but the folder the output goes to anyway, and two machines that share that
+    file system see the same lock (Linux carries flock over NFS). The holder removes it on release; one
+    left by a killed run holds no lock and is taken over by the next."""
     out = out.expanduser().absolute()
-    key = hashlib.sha256(str(out).encode()).hexdigest()[:32]
+    path = lock_path(out)
     try:
-        (cache_dir() / "locks").mkdir(parents=True, exist_ok=True)
-        lock = FileLock(cache_dir() / "locks" / f"{key}.lock", timeout=0)
-        lock.acquire()
-    except Timeout:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = _flock(path)
+    except _Busy:
         raise MamError(f"another mam run is writing {out}; wait for it or choose another -o") from None
     except OSError as e:
-        raise MamError(f"cannot take the output lock for {out} in {cache_dir()}: {e.strerror}") from None
+        raise MamError(f"cannot take the output lock {path}: {e.strerror}") from None
+    if fd is None:
+        yield
+        return
     try:
         yield
     finally:
-        lock.release()
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still held: a run that opened it meanwhile sees a stale inode and retries
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -231,3 +231,26 @@ def test_roles_swapped_in_rank_layers_and_evaluate(tiny, mam, tmp_path):
     r = mam("evaluate", speech, "--data", LJ_DATA.replace("../", f"{Path(__file__).parents[2]}/"), "--limit", "1",
             "--source", speech, "--lam", "0.1")
     assert r.code == 1 and len(r.err.strip().splitlines()) == 1 and "source" in r.err, r.err
+
+
+def _help(mam, *command: str) -> str:
+    r = mam(*command, "--help")
+    assert r.code == 0, r.err
+    return " ".join(r.out.split())  # the words, however the terminal wraps them
+
+
+def test_help_says_what_each_command_takes(mam):
+    """Whisper (sequence-to-sequence) is as much a target as a CTC model: no help speaks of CTC alone."""
+    overview = _help(mam)
+    assert "CTC ASR" not in overview and "Word error rate (CTC or Whisper)" in overview
+    for command in ("evaluate", "finetune", "rank-layers"):
+        text = _help(mam, command)
+        assert "Speech (CTC)" not in text and "CTC ASR" not in text, command
+        assert "Whisper" in text and "CTC" in text and "audio-event" in text, command
+    finetune = _help(mam, "finetune")
+    assert ("Default per head: 1e-5 for speech recognition, 1e-4 for audio events (measured: docs/finetune.md)."
+            in finetune)
+    assert "Train for N optimizer steps, past --epochs if need be (as transformers' Trainer); resumable." in finetune
+    evaluate = _help(mam, "evaluate")
+    assert "Paired bootstrap resamples of the 95 % interval. [default: 10000; x>=1]" in evaluate
+    assert "percent on the table, a fraction in CSV, TSV and JSON" in evaluate

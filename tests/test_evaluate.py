@@ -45,8 +45,9 @@ def test_sweep_point_equals_merged_checkpoint(tiny, mam, tmp_path):
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert sweep["first_merged_layer"] == 2
     stats = ("rel.red.", "delta", "delta_lo", "delta_hi", "better", "worse", "same")
-    name = src.name  # columns name models as people do, not by path
-    assert r.out.splitlines()[0] == ",".join(["split", "layers", "lam", name, "noise:normal",
+    name = src.name  # columns name models as people do, not by path; error rates are fractions, and say so
+    assert r.out.splitlines()[0] == ",".join(["split", "layers", "lam", f"{name} wer_fraction",
+                                              "noise:normal wer_fraction",
                                               *(f"{name} {k}" for k in stats),
                                               *(f"noise:normal {k}" for k in stats)])
     for column, extra in ((src.name, []), ("noise:normal", ["--noise", "normal"])):
@@ -92,9 +93,11 @@ def test_blocks_and_table(tiny, mam, tmp_path):
     rows = json.loads(r.out)
     assert [(x["layers"], x["lam"]) for x in rows] == [("-", 0.0), ("0-1", 0.2), ("0-1", 0.4), ("2-3", 0.2),
                                                        ("2-3", 0.4)]
-    base = rows[0][src.name]
+    wer = f"{src.name} wer_fraction"
+    base = rows[0][wer]
+    assert 0 < base <= 5  # a fraction (a random tiny model's WER passes 1 with insertions), not percent
     for x in rows[1:]:
-        assert x[f"{src.name} rel.red."] == pytest.approx((base - x[src.name]) / base)
+        assert x[f"{src.name} rel.red."] == pytest.approx((base - x[wer]) / base)
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
@@ -168,12 +171,13 @@ def test_plain_evaluation_and_noise_only_sweep(tiny, mam):
     r = mam("evaluate", tgt, "--data", LJ, "--limit", "2", "-q", "--format", "csv")
     assert r.code == 0, r.err
     header, _ = r.out.strip().splitlines()
-    assert header == "split,layers,lam,error,wer,cer,substitutions,insertions,deletions"
+    assert header == "split,layers,lam,error_fraction,wer_fraction,cer_fraction,substitutions,insertions,deletions"
     r = mam("evaluate", tgt, "--data", LJ, "--limit", "2", "-q", "--format", "json", "--lam", "0,0.5",
             "--noise", "target,normal", "--noise-only")
     assert r.code == 0, r.err
     rows = json.loads(r.out)
-    assert [x["lam"] for x in rows] == [0.0, 0.5] and {"noise:target", "noise:normal"} <= rows[1].keys()
+    assert [x["lam"] for x in rows] == [0.0, 0.5]
+    assert {"noise:target wer_fraction", "noise:normal wer_fraction"} <= rows[1].keys()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
@@ -210,3 +214,43 @@ def test_progress_bars_on_a_terminal_count_clips_and_batches(tiny, mam, monkeypa
     r = mam("rank-layers", src, tgt, "--data", LJ, "--limit", "3", "--format", "csv")
     assert r.code == 0 and r.out.startswith("layer,")
     assert "encoding audio" in buf.getvalue() and "encoding text" in buf.getvalue() and "3/3" in buf.getvalue()
+
+
+def test_terminal_table_shows_percent_and_fits_120_columns(tiny, mam, tmp_path):
+    """A sweep with a source, three noises and two blocks: one row per model in percent, no line past 120
+    characters; the numbers are the report's fractions × 100, Δ in percentage points with its interval."""
+    src, tgt = tiny("bert", layers=4), tiny("hubert-ctc", layers=4)
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "3", "--source", src, "--lam", "0,0.3", "--blocks", "2",
+            "--noise", "source,target,normal", "-o", tmp_path / "r.json", "-q")
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert max(map(len, lines)) <= 120, "\n".join(lines)
+    assert lines[0].strip().startswith("WER in percent on all clips")
+    header = next(x for x in lines if "WER %" in x)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == ["layers", "λ", "model", "WER %", "rel. red. %",
+                                                                  "Δ pp [95 % CI]", "better/worse"]
+    cells = [[c.strip() for c in x.strip("│ ").split("│")] for x in lines if x.startswith("│")]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(cells) == len(report["points"]) == 1 + 2 * 4  # the target, then 2 blocks × 4 models
+    assert report["paired_statistics"]["resamples"] == 10000  # the default: milliseconds on per-clip counts
+    assert cells[0][:4] == ["-", "0", "target", f"{100 * report['baseline']['wer']:.2f}"]
+    for row, p in zip(cells[1:], report["points"][1:], strict=True):
+        assert (row[0], float(row[1]), row[2]) == (p["layers"], p["lam"], p["column"])
+        base = report["baseline"]["error"]
+        assert row[3] == f"{100 * p['wer']:.2f}" and row[4] == f"{100 * (base - p['error']) / base:+.2f}"
+        assert row[5] == f"{100 * p['delta']:+.2f} [{100 * p['delta_lo']:+.2f}, {100 * p['delta_hi']:+.2f}]"
+        assert row[6] == f"{p['better']}/{p['worse']}"
+
+
+def test_evaluate_into_a_merge_output_adds_the_table_to_its_card(tiny, mam, tmp_path):
+    """`-o OUT/mam_eval.json` of a mam output puts the measured table into OUT's model card; verify stays green."""
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    assert mam("merge", src, tgt, "--lam", "0.2", "-o", tmp_path / "m", "-q").code == 0
+    before = (tmp_path / "m" / "README.md").read_text()
+    r = mam("evaluate", tmp_path / "m", "--data", LJ, "--limit", "2", "-q", "-o", tmp_path / "m" / "mam_eval.json")
+    assert r.code == 0, r.err
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "Not evaluated yet" in before and "Not evaluated yet" not in card and "WER %" in card
+    assert mam("verify", tmp_path / "m", "--format", "csv").code == 0
+    r = mam("evaluate", tmp_path / "m", "--data", LJ, "--limit", "2", "-q", "-o", tmp_path / "elsewhere.json")
+    assert r.code == 0 and (tmp_path / "m" / "README.md").read_text() == card  # elsewhere: the card is left alone

@@ -274,3 +274,84 @@ def test_a_signal_between_the_two_renames_puts_the_old_output_back(pair, mam, tm
     monkeypatch.undo()
     assert r.code == 143, r.err
     assert _tree(out) == before and [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+NOT_UTF8 = os.fsdecode(b"out\xff")  # a name with a byte that is not UTF-8, as Python hands it over (PEP 383)
+
+
+@pytest.mark.parametrize("command", ["merge", "evaluate", "rank-layers", "finetune"])
+def test_output_names_that_are_not_utf8_are_written_there(command, pair, mam, tmp_path):
+    """mam writes under the exact bytes given and shows the odd byte as \\xff on stdout, stderr and in files."""
+    src, tgt = pair
+    out = tmp_path / NOT_UTF8
+    data = ("--data", f"ljspeech:{LJ}", "--limit", "2")
+    args = {"merge": (src, tgt, "--lam", "0.1"), "evaluate": (tgt, *data), "rank-layers": (src, tgt, *data),
+            "finetune": (tgt, *data, "--max-steps", "1", "--batch-size", "2")}[command]
+    r = mam(command, *args, "-o", out)
+    assert r.code == 0, r.err
+    assert os.listdir(os.fsencode(tmp_path)) == [b"out\xff"]  # nothing beside it: no lock, no temporary
+    if command in ("merge", "finetune"):
+        assert (out / "mam_report.json").is_file()
+        assert "out\\xff" in (out / "README.md").read_text(encoding="utf-8")  # the card's command line
+        assert f"wrote {tmp_path}/out\\xff" in r.err or command == "finetune"
+    else:
+        json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_a_broken_cache_never_stops_a_merge(pair, mam, tmp_path, monkeypatch):
+    """MAM_CACHE_DIR is a regular file: the merge still runs (its lock lives beside the output, not in the
+    cache), and a second merge on the same output while the first holds it is refused by that lock."""
+    from mamcli.writer import lock_path, output_lock
+
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MAM_CACHE_DIR", str(blocker))
+    r = mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "o", "-q")
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-is-a-file", "o"]
+    assert lock_path(tmp_path / "p") == tmp_path / ".p.mam-lock"
+    with output_lock(tmp_path / "p"):
+        assert (tmp_path / ".p.mam-lock").is_file()
+        r = mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "p")
+        _one_line(r.err, "another mam run is writing")
+    assert not (tmp_path / ".p.mam-lock").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_lock_file_left_by_a_killed_run_is_taken_over(pair, mam, tmp_path):
+    """A run killed with SIGKILL leaves its lock file but holds no lock: the next run takes it and removes it."""
+    (tmp_path / ".o.mam-lock").write_text("")
+    r = mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "o", "-q")
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_the_output_lock_holds_across_processes(pair, mam, tmp_path):
+    """Another process (as another machine on a shared file system) holding the output's lock file: refused."""
+    code = ("import sys, time; from pathlib import Path; from mamcli.writer import output_lock\n"
+            "with output_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "o")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        r = mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "o")
+        _one_line(r.err, "another mam run is writing")
+        assert not (tmp_path / "o").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    r = mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "o", "-q")
+    assert r.code == 0, r.err
+
+
+def test_a_file_system_without_locks_still_merges(pair, mam, tmp_path, monkeypatch):
+    """flock refused by the file system (ENOLCK, as some network mounts answer): the merge runs unlocked and
+    leaves no lock file; the atomic rename still keeps the output whole."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    r = mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "o", "-q")
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (tmp_path / "o" / "model.safetensors").is_file()

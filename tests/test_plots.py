@@ -105,3 +105,39 @@ def test_rank_layers_plot_from_the_cli(tiny, mam, tmp_path, monkeypatch):
     ax = fig.axes[0]
     assert [text for _, text in _shown_xticks(ax)] == ["0", "1", "2", "3"]
     assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+
+
+def test_evaluate_plot_shows_percent_intervals_split_and_metric(tiny, mam, tmp_path, monkeypatch):
+    """`mam evaluate --plot`: WER in percent against λ, each point with its paired 95 % interval as a bar
+    (the baseline's WER + the interval of Δ), and the axes name the metric and the split."""
+    import json
+
+    import mamcli.plots
+
+    drawn = []
+    build = mamcli.plots.line_figure
+    monkeypatch.setattr(mamcli.plots, "line_figure", lambda *a, **k: drawn.append(build(*a, **k)) or drawn[-1])
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "4", "--split", "test", "--dev-fraction", "0.5", "--source",
+            src, "--lam", "0,0.4,0.8", "--noise", "normal", "-o", tmp_path / "r.json", "--plot", tmp_path / "p.png",
+            "-q")
+    assert r.code == 0, r.err
+    assert imread(tmp_path / "p.png").shape[:2] == (math.ceil(4.5 * 120), 8 * 120)
+    report = json.loads((tmp_path / "r.json").read_text())
+    (fig,) = drawn
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "WER on the test split (%)" and ax.get_xlabel() == "λ"
+    assert "95 % paired interval" in ax.get_title() and "Δ to λ = 0" in ax.get_title()
+    base = 100 * report["baseline"]["wer"]
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert sorted(lines) == [f"{src.name} (layers all)", "noise:normal (layers all)"]
+    bars = [c for c in ax.collections if c.get_segments()]  # one set of vertical bars per line
+    assert len(bars) == 2
+    for (name, line), bar in zip(lines.items(), bars, strict=True):
+        column = name.removesuffix(" (layers all)")
+        points = [p for p in report["points"] if p["column"] == column]
+        assert list(line.get_xdata()) == [0.0, 0.4, 0.8]
+        assert list(line.get_ydata()) == pytest.approx([base, *(100 * p["wer"] for p in points)])
+        ends = [(seg[0][1], seg[1][1]) for seg in bar.get_segments()]
+        assert ends[0] == pytest.approx((base, base))
+        assert ends[1:] == [pytest.approx((base + 100 * p["delta_lo"], base + 100 * p["delta_hi"])) for p in points]

@@ -55,9 +55,13 @@ def test_hand_written_recipe_and_flags_that_win(pair, mam, tmp_path):
     ("lam: 0.1\nlamda: 0.2\n", 2, "unknown key 'lamda'"),
     ("lam: [0.1\n", 1, "not valid YAML"),
     ("- 0.1\n", 1, "expected a mapping"),
-    ("lam: high\n", 1, "lam must be int or float"),
+    ("lam: high\n", 1, "field lam: input should be a valid number (got str)"),
+    ("lam: 0.1\nnoise: pink\n", 1, "field noise: input should be 'source', 'target' or 'normal' (got str)"),
+    ("lam: 0.1\nout_dtype: fp8\n", 1, "field out_dtype: input should be 'fp32', 'fp16' or 'bf16'"),
+    ("lam: 0.1\nseed: true\n", 1, "field seed: input should be a valid integer (got bool)"),
+    ("lam: 0.1\nshard_size: lots\n", 1, "bad size 'lots'"),
     ("source: /no/such/model\ntarget: /no/such/either\nlam: 0.1\n", 1, "does not exist"),
-    ("lams: {q: [0.1, 2, 0]}\n", 1, "field q[1]: input should be less than or equal to 1"),
+    ("lams: {q: [0.1, 2, 0]}\n", 1, "field lams.q[1]: input should be less than or equal to 1"),
 ])
 def test_bad_recipes(pair, mam, tmp_path, text, code, needle):
     (tmp_path / "r.yaml").write_text(text)
@@ -75,3 +79,32 @@ def test_recipe_is_not_copied_into_a_merge_of_a_merge(pair, mam, tmp_path):
     assert mam("merge", src, tmp_path / "a", "--lam", "0.2", "-o", tmp_path / "b", "-q").code == 0
     recipe = (tmp_path / "b" / "mam_recipe.yaml").read_text()
     assert f"target: {tmp_path / 'a'}" in recipe
+
+
+def test_recipe_values_arrive_typed(pair, mam, tmp_path):
+    """A recipe's out, λ file, arch map and shard size take the types the merge needs from the recipe schema:
+    the merge reads them as if given as flags."""
+    src, tgt = pair
+    (tmp_path / "lams.json").write_text(json.dumps({"lams": [0.5, 0, 0.25]}))
+    (tmp_path / "r.yaml").write_text(f"source: {src}\ntarget: {tgt}\nout: {tmp_path / 'a'}\n"
+                                     f"lams: {tmp_path / 'lams.json'}\nshard_size: 20000\narch_map: []\n")
+    r = mam("merge", "--config", tmp_path / "r.yaml", "-q")
+    assert r.code == 0, r.err
+    report = json.loads((tmp_path / "a" / "mam_report.json").read_text())
+    assert report["recipe"]["lams"]["v"] == [0.5, 0, 0.25]
+    assert sorted(report["outputs"]["hashes"])[:2] == ["README.md", "config.json"]
+    assert len([f for f in report["outputs"]["hashes"] if f.endswith(".safetensors")]) > 1  # sharded at 20 kB
+
+
+def test_recipe_schema_names_the_choices_merge_takes():
+    """The recipe schema spells out --noise and --out-dtype (merge imports torch; the schema must not): the same."""
+    from typing import get_args
+
+    from mamcli.merge import NOISE_KINDS, OUT_DTYPES
+    from mamcli.schemas import MergeRecipe
+
+    def choices(field: str) -> set[str]:
+        (literal, _none) = get_args(MergeRecipe.model_fields[field].annotation)
+        return set(get_args(literal))
+
+    assert choices("noise") == set(NOISE_KINDS) and choices("out_dtype") == set(OUT_DTYPES)
