@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mamcli.errors import MamError
+from mamcli.report import write_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -63,13 +64,8 @@ def line_plot(series: Series, xlabel: str, ylabel: str, title: str, path: Path, 
     fig = line_figure(series, xlabel, ylabel, title, integer_x=integer_x, intervals=intervals)
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MamError(f"cannot write plot {path}: {e.strerror}") from None
+        write_file(path, lambda p: fig.savefig(p, dpi=120, format="png"), "plot ")
     finally:
         plt.close(fig)
 

@@ -7,6 +7,7 @@ import platform
 import re
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +48,29 @@ def dumps(obj: Any) -> str:
     return printable(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=str), in_json=True) + "\n"
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write via a temporary sibling so a reader never sees half a report."""
+def write_file(path: Path, write: Callable[[Path], None], what: str = "") -> None:
+    """Call ``write`` on a temporary sibling and rename it over ``path``, so a reader never sees half a file.
+    A ``path`` that exists and is no regular file (``/dev/stdout``, a FIFO, ``/dev/full``) is written in place:
+    a rename would put a regular file where the device or pipe was (as root, even in /dev)."""
     from mamcli.errors import MamError
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    special = path.exists() and not path.is_file() and not path.is_dir()
+    tmp = path if special else path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(dumps(obj))
-        tmp.replace(path)
+        write(tmp)
+        if not special:
+            tmp.replace(path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MamError(f"cannot write {path}: {e.strerror or e}") from None
+        if not special:
+            tmp.unlink(missing_ok=True)
+        raise MamError(f"cannot write {what}{path}: {e.strerror or e}") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write a JSON report whole (see :func:`write_file`)."""
+    text = dumps(obj)
+    write_file(path, lambda p: p.write_text(text))
 
 
 def write_evaluation(path: Path, report: dict[str, Any], model: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -163,6 +164,17 @@ def test_stdout_full_is_one_line_not_a_traceback(pair, tmp_path):
                            stderr=subprocess.PIPE, text=True, timeout=120)
     assert p.returncode == 1, p.stderr
     _one_line(p.stderr, "cannot write to standard output: No space left on device")
+
+
+def test_a_report_to_a_device_is_written_into_it_never_renamed_over_it(tiny, mam, tmp_path):
+    """-o on a character device (a copy of /dev/full, made here) writes into the device: a full one is one
+    line, exit 1, and the device stays a device (a rename would have put a regular file in its place)."""
+    full = tmp_path / "full"
+    os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    r = mam("evaluate", tiny("hubert-ctc", layers=2), "--data", f"ljspeech:{LJ}", "--limit", "1", "-o", full, "-q")
+    assert r.code == 1
+    _one_line(r.err, f"cannot write {full}: No space left on device")
+    assert stat.S_ISCHR(full.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
 def _run_until(args: list[str], ready: Callable[[], bool], sig: int,
