@@ -57,7 +57,6 @@ def write_file(path: Path, write: Callable[[Path], None], what: str = "") -> Non
     special = path.exists() and not path.is_file() and not path.is_dir()
     tmp = path if special else path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         if not special:
             tmp.replace(path)
@@ -69,7 +68,13 @@ def write_file(path: Path, write: Callable[[Path], None], what: str = "") -> Non
 
 def write_json(path: Path, obj: Any) -> None:
     """Write a JSON report whole (see :func:`write_file`)."""
+    from mamcli.errors import MamError
+
     text = dumps(obj)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a report's folder is made; a plot's must exist
+    except OSError as e:
+        raise MamError(f"cannot write {path}: {e.strerror or e}") from None
     write_file(path, lambda p: p.write_text(text))
 
 
