@@ -149,6 +149,27 @@ def _weight_hashes(report: dict[str, Any]) -> dict[str, str]:
                                     if f.endswith(WEIGHT_SUFFIXES)}
 
 
+ALIGNED_BY = {"weights": "weight matching (data-free)",
+              "activations": "activation matching (correlations of hidden states on paired clips and transcripts)"}
+
+
+def _alignment(report: dict[str, Any]) -> str | None:
+    """What ``--align`` did, from the report's ``alignment``: the mode, what was permuted, how well it matched."""
+    a = report.get("alignment")
+    if not isinstance(a, dict):
+        return None
+    mode, cos = a.get("mode"), a.get("cosine") or {}
+    heads = f" within the source's {a['heads']} heads" if a.get("heads") else ""
+    donor = "the noise standing in for the source" if (report.get("recipe") or {}).get("noise") else "the source"
+    text = (f"Aligned first (`--align {mode}`, {ALIGNED_BY.get(str(mode), mode)}): {donor} was re-indexed by one "
+            f"permutation of its hidden units and, per merged layer, of its attention rows{heads}, which leaves "
+            f"what it computes unchanged; the permutations are in `{a.get('file', 'mam_align.json')}`.")
+    if "identity" in cos and "aligned" in cos:
+        text += (f" Mean cosine of source and target over the merged weights: {_cell(cos['identity'])} unaligned, "
+                 f"{_cell(cos['aligned'])} aligned.")
+    return text + "\n"
+
+
 def _merge_body(report: dict[str, Any]) -> str:
     inputs, recipe = report.get("inputs") or {}, report.get("recipe") or {}
     src, tgt = inputs.get("source") or {}, inputs.get("target") or {}
@@ -160,13 +181,16 @@ def _merge_body(report: dict[str, Any]) -> str:
     noise = recipe.get("noise")
     dtype = (report.get("outputs") or {}).get("dtype")
     kept = f", cast to {dtype}" if dtype and dtype != "target" else ", byte for byte"
+    aligned = _alignment(report)
     donor = (f"{NOISE.get(noise, noise)} (a noise baseline, seed {recipe.get('seed')}) in place of `{_name(src)}`"
              if noise else f"`{_name(src)}`")
     text = [f"# {_name(tgt)} with attention merged from {_name(src)}\n",
             f"`{_name(tgt)}` with the attention {parts} weights of {donor} interpolated into target "
             f"layer{'' if len(merged) == 1 else 's'} {_layers_text(merged)}, by Multimodal Attention Merging "
             "(`mam`):\n",
-            "    W = λ_i · W_source + (1 − λ_i) · W_target      (float32, per target layer i)\n",
+            "    W = λ_i · P_out · W_source · P_inᵀ + (1 − λ_i) · W_target      (float32, per target layer i)\n"
+            if aligned else "    W = λ_i · W_source + (1 − λ_i) · W_target      (float32, per target layer i)\n",
+            *([aligned] if aligned else []),
             f"Everything else is the target's{kept}{'; biases are merged too' if recipe.get('bias') else ''}.\n",
             "## Models\n", _models(inputs),
             "## λ per layer\n"]
@@ -203,8 +227,9 @@ def _finetune_body(report: dict[str, Any], lams: dict[str, Any] | None) -> str:
                  f"{'per part ' if o.get('per_part') else ''}with the weights from λ = {_cell(o.get('lam_init'))}.",
     }.get(mode, f"`{_name(tgt)}` trained by `mam finetune` ({mode}).")
     title = f"{_name(tgt)} fine-tuned" + (f" with attention from {_name(src)}" if src else "")
+    aligned = _alignment(report)
     text = [f"# {title}\n", intro + " Made with `mam` (Multimodal Attention Merging).\n",
-            "## Models\n", _models(inputs), "## Training\n"]
+            *([aligned] if aligned else []), "## Models\n", _models(inputs), "## Training\n"]
     data = [["task", o.get("task")], ["train data", (inputs.get("train") or {}).get("spec")],
             ["train clips", (inputs.get("train") or {}).get("clips")],
             ["dev data", (inputs.get("dev") or {}).get("spec")], ["epochs", o.get("epochs")],

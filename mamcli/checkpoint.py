@@ -30,9 +30,11 @@ from mamcli.schemas import HASH_CACHE, JSON_OBJECT, ShardIndex, check, read_json
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-# files never copied into a merged output: weights, their indexes, and the target's model card
+# files never copied into a merged output: weights, their indexes, the target's model card, and an earlier mam
+# output's records (its report, recipe, evaluation, λ and permutations describe that output, not this one)
 NOT_COPIED = re.compile(r".*(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.onnx|\.gguf|\.index\.json)$"
-                        r"|README\.md|\.gitattributes|mam_report\.json|mam_recipe\.yaml|mam_eval\.json|lams\.json")
+                        r"|README\.md|\.gitattributes|mam_report\.json|mam_recipe\.yaml|mam_eval\.json|lams\.json"
+                        r"|mam_align\.json")
 # what mam fetches from a Hub repo: config, tokenizer and processor files, and one weight format (safetensors, or
 # transformers' pytorch_model*.bin when the repo has no safetensors; never other pickles such as training_args.bin)
 HUB_FILES = ["*.json", "*.txt", "*.model"]

@@ -30,8 +30,9 @@ from mamcli.tables import FORMATS, metric_name, render, sweep_columns, sweep_for
 if TYPE_CHECKING:
     import torch
 
+    from mamcli.data import Dataset
     from mamcli.families import Family
-    from mamcli.merge import MergePlan
+    from mamcli.merge import MergeOptions, MergePlan
     from mamcli.splits import Corpus
 
 T = TypeVar("T")
@@ -54,6 +55,22 @@ PartsOpt = Annotated[str, typer.Option("--parts", help="Comma list of q,k,v,o.")
 BiasOpt = Annotated[bool, typer.Option("--bias", help="Merge biases too.")]
 LayerMapOpt = Annotated[str | None, typer.Option("--layer-map",
                                                  help="Source layer per target layer: stride|first|last|LIST.")]
+
+
+def _align(value: str | None) -> str | None:
+    """``--align``: none | weights | activations, or a stored mam_align.json (a usage error otherwise, exit 2)."""
+    from mamcli.schemas import check_align
+
+    try:
+        return None if value is None else check_align(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+AlignOpt = Annotated[str, typer.Option("--align", callback=_align,
+                                       help="Re-index the source to match the target before interpolating: none | "
+                                       "weights (data-free) | activations (paired clips and transcripts of --data) "
+                                       "| PATH/mam_align.json to replay (docs/align.md).")]
 
 
 def _choices(name: str, *values: str) -> Any:
@@ -229,6 +246,12 @@ def merge_cmd(
                                                 "source or target tensors, or N(0,1).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the noise.")] = 0,
     layer_map: LayerMapOpt = None,
+    align: AlignOpt = "none",
+    data: Annotated[str | None, typer.Option("--data", help="--align activations: the paired data (speech clips "
+                                             "with transcripts), as rank-layers reads it.")] = None,
+    limit: LimitOpt = None,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = "auto",
     shard_size: Annotated[str | None, typer.Option("--shard-size", callback=_size,
                                                    help="Shard past this size, e.g. 2GB.")] = None,
     out_dtype: Annotated[OutDtype | None, typer.Option("--out-dtype", help="Output dtype (default: target's).")]
@@ -258,7 +281,7 @@ def merge_cmd(
     flags = {"source": source, "target": target, "out": out, "lam": lam, "lams": lams, "layers": layers,
              "parts": parts, "bias": bias, "noise": noise.value if noise else None, "seed": seed,
              "layer_map": layer_map, "shard_size": shard_size, "out_dtype": out_dtype.value if out_dtype else None,
-             "revision": revision, "arch_map": arch_map}
+             "revision": revision, "arch_map": arch_map, "align": align}
     if config is None:
         o = {**flags, "lam_table": None}
     else:
@@ -273,8 +296,8 @@ def merge_cmd(
         raise MamError("give an output directory with -o DIR (or --dry-run)")
     options = MergeOptions(lam=o["lam"], layers=o["layers"], lams_file=o["lams"], lams=o["lam_table"],
                            parts=_parts(o["parts"]), bias=o["bias"], noise=o["noise"], seed=o["seed"],
-                           layer_map=o["layer_map"])
-    options.validate()
+                           layer_map=o["layer_map"], align=o["align"])
+    pairs = _align_pairs(options, data, limit)  # the data is read (and refused) before any model is
     families = _families(o["arch_map"])
     size = parse_size(o["shard_size"]) if o["shard_size"] else None
     dtype = _dtype(o["out_dtype"])
@@ -282,10 +305,17 @@ def merge_cmd(
     with ExitStack() as stack:
         src = stack.enter_context(resolve(o["source"], o["revision"]))
         tgt = stack.enter_context(resolve(o["target"], o["revision"]))
-        if dry_run:
-            _print_plan(plan_merge(src, tgt, options, families), fmt, with_lam=True)
+        if dry_run:  # the pairs and whether they can be aligned; no clip is read for activations
+            _print_plan(plan_merge(src, tgt, replace(options, align=_without_data(options.align)), families), fmt,
+                        with_lam=True)
             return
         assert out is not None
+        if pairs is not None:
+            from mamcli.align import collect_activations
+
+            if not quiet:
+                _note(f"--align activations: pooling {len(pairs.items)} clips and their transcripts")
+            options.align_data = collect_activations(src, tgt, pairs, families, device=device, batch_size=batch_size)
         report = _with_progress(lambda cb: merge_to_dir(src, tgt, options, out, force=force, shard_size=size,
                                                         out_dtype=dtype, families=families, progress=cb,
                                                         note=None if quiet else _note, recipe_extra=extra,
@@ -299,6 +329,25 @@ def merge_cmd(
     rows = [{k: t[k] for k in ("layer", "source_layer", "part", "kind", "lam", "delta_norm", "cosine", "target")}
             for t in report["tensors"]]
     _out(dumps(report) if fmt == Format.json else render(rows, fmt, title=f"merged into {out}"))
+
+
+def _align_pairs(options: MergeOptions, data: str | None, limit: int | None) -> Dataset | None:
+    """Check the options; for ``--align activations`` the paired clips of ``--data`` (every clip, as rank-layers'
+    ``--split all`` reads them), else None."""
+    replace(options, align=_without_data(options.align)).validate()
+    if options.align != "activations":
+        if data is not None:
+            raise MamError("--data is read only by --align activations (paired clips for the permutations)")
+        return None
+    if data is None:
+        raise MamError("--align activations needs paired data (speech clips with transcripts): give --data")
+    return _corpus(data, TextField.normalized, None, None, None, 0.1, None, limit, 0).part("all")
+
+
+def _without_data(align: str | Path) -> str | Path:
+    """The data-free mode in place of activations, which checks the same (parts, heads) before any clip is read:
+    the first checks, and a dry run's plan."""
+    return "weights" if align == "activations" else align
 
 
 def _with_progress(work: Callable[[Callable[[int, int], None] | None], T], label: str, quiet: bool) -> T:
@@ -644,6 +693,7 @@ def finetune_cmd(
     per_part: Annotated[bool, typer.Option("--per-part", help="Separate λ for Q, K and V.")] = False,
     layer_map: LayerMapOpt = None,
     parts: PartsOpt = "q,k,v",
+    align: AlignOpt = "none",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 1,
     lr: Annotated[float | None, typer.Option("--lr", callback=_positive,
                                              help="Default per head: 1e-5 for speech recognition, 1e-4 for audio "
@@ -703,8 +753,8 @@ def finetune_cmd(
         tgt = stack.enter_context(resolve(target))
         src = stack.enter_context(resolve(source)) if source else None
         opts = FinetuneOptions(task=task.value, lam_init=lam_init, learnable_lam=learnable_lam, layers=layers,
-                               layer_map=layer_map, per_part=per_part, parts=_parts(parts), epochs=epochs,
-                               lr=lr, lam_lr=lam_lr,  # lr None: the task's measured default
+                               layer_map=layer_map, per_part=per_part, parts=_parts(parts), align=align,
+                               epochs=epochs, lr=lr, lam_lr=lam_lr,  # lr None: the task's measured default
                                batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
                                freeze_feature_encoder=freeze_feature_encoder, seed=seed, max_steps=max_steps,
                                checkpoint_every=checkpoint_every, device=device, normalizer=normalizer.value,

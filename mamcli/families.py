@@ -317,3 +317,24 @@ def check_roles(source: Arch, target: Arch, source_label: str, target_label: str
     raise MamError(f"source {source_label} is {_kind_of(source)} and target {target_label} is {_kind_of(target)}: "
                    "the source must be a text or image model and the target a speech or audio model"
                    + ("; swap the two arguments" if swapped else ""))
+
+
+def check_compatible(src: Arch, tgt: Arch, src_label: str, tgt_label: str) -> list[str]:
+    """Refuse different widths; note differing or unknown head layouts.
+
+    Eq. 1 is element-wise on [d, d] matrices, so equal width is all a merge needs: a source with
+    other heads still merges (its heads' rows simply mix with the target's), which the note says."""
+    def shape(a: Arch) -> str:
+        heads = f"{a.heads} heads × {a.hidden // a.heads}" if a.heads and a.hidden else "heads unknown"
+        return f"hidden {a.hidden}, {heads}"
+
+    if src.hidden != tgt.hidden:
+        raise MamError(f"hidden sizes differ: source {src_label} has {shape(src)}, target {tgt_label} has "
+                       f"{shape(tgt)}; attention merging needs the same width")
+    if src.heads and tgt.heads and src.heads != tgt.heads:
+        return [f"head layouts differ: source {src_label} has {shape(src)}, target {tgt_label} has {shape(tgt)}; "
+                "merged element-wise all the same (equal width is all Eq. 1 needs)"]
+    if not (src.heads and tgt.heads):
+        who = src_label if not src.heads else tgt_label
+        return [f"head layout not checked: {who} does not state its number of heads"]
+    return []

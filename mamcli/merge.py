@@ -35,7 +35,7 @@ from mamcli.align import (
 from mamcli.card import write_card
 from mamcli.checkpoint import Checkpoint, TensorInfo, iter_copyable_files
 from mamcli.errors import MamError
-from mamcli.families import FAMILIES, KINDS, PARTS, Arch, Family, check_roles
+from mamcli.families import FAMILIES, KINDS, PARTS, Arch, Family, check_compatible, check_roles
 from mamcli.layers import check_lam, load_lams, parse_layer_map, parse_layers, uniform_lams
 from mamcli.recipe import RECIPE_FILE, dump_recipe
 from mamcli.report import peak_rss_mib, versions, write_json
@@ -153,27 +153,6 @@ class MergePlan:
             recipe.update(align=self.alignment.mode, align_file=ALIGN_FILE,
                           formula="W = lam * W_source[rows][:, hidden] + (1 - lam) * W_target (float32)")
         return recipe
-
-
-def check_compatible(src: Arch, tgt: Arch, src_label: str, tgt_label: str) -> list[str]:
-    """Refuse different widths; note differing or unknown head layouts.
-
-    Eq. 1 is element-wise on [d, d] matrices, so equal width is all a merge needs: a source with
-    other heads still merges (its heads' rows simply mix with the target's), which the note says."""
-    def shape(a: Arch) -> str:
-        heads = f"{a.heads} heads × {a.hidden // a.heads}" if a.heads and a.hidden else "heads unknown"
-        return f"hidden {a.hidden}, {heads}"
-
-    if src.hidden != tgt.hidden:
-        raise MamError(f"hidden sizes differ: source {src_label} has {shape(src)}, target {tgt_label} has "
-                       f"{shape(tgt)}; attention merging needs the same width")
-    if src.heads and tgt.heads and src.heads != tgt.heads:
-        return [f"head layouts differ: source {src_label} has {shape(src)}, target {tgt_label} has {shape(tgt)}; "
-                "merged element-wise all the same (equal width is all Eq. 1 needs)"]
-    if not (src.heads and tgt.heads):
-        who = src_label if not src.heads else tgt_label
-        return [f"head layout not checked: {who} does not state its number of heads"]
-    return []
 
 
 def _ref(store: TensorStore, arch: Arch, i: int, part: str, kind: str) -> tuple[str, tuple[int, int] | None] | None:
@@ -424,9 +403,8 @@ def merge_to_dir(source: Checkpoint, target: Checkpoint, options: MergeOptions, 
         except BaseException:
             writer.abort()
             raise
-        for f in iter_copyable_files(target.root) if target.fmt != "beats" else ():
-            if f.name != ALIGN_FILE:  # a merge of an aligned merge carries only its own permutations
-                shutil.copy2(f, tmp / f.name)
+        for f in iter_copyable_files(target.root) if target.fmt != "beats" else ():  # never a mam_align.json
+            shutil.copy2(f, tmp / f.name)
         align = _write_alignment(plan, tmp, out)
         if target.fmt == "beats":  # the official layout too, loadable by the release's own code
             files[target.files[0].name] = write_beats_pt(tmp / target.files[0].name, tmp, target)

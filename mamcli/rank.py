@@ -26,9 +26,8 @@ from mamcli.checkpoint import Checkpoint
 from mamcli.data import Clip, Dataset
 from mamcli.distributed import ALONE, Processes, read_batches
 from mamcli.errors import MamError
-from mamcli.families import FAMILIES, Family, check_roles
+from mamcli.families import FAMILIES, Family, check_compatible, check_roles
 from mamcli.layers import parse_layer_map
-from mamcli.merge import check_compatible
 from mamcli.metrics import ORIENTATION, RANK_METRICS, layer_scores, ranking
 from mamcli.models import (
     AudioModel,

@@ -2,8 +2,10 @@
 
 Every merge writes ``mam_recipe.yaml`` beside its output: the models as exact references (a hub id
 pinned to its commit, or an absolute path) and the per-layer λ table that was applied, so
-``mam merge --config OUT/mam_recipe.yaml -o OUT2`` writes the same bytes as OUT. A hand-written
-recipe may use the flags' own forms instead (``lam`` + ``layers``, a ``lams`` file, ``layer_map: stride``).
+``mam merge --config OUT/mam_recipe.yaml -o OUT2`` writes the same bytes as OUT; an aligned merge's recipe
+names its ``mam_align.json`` (``align``), so the replay reads those permutations instead of solving again.
+A hand-written recipe may use the flags' own forms instead (``lam`` + ``layers``, a ``lams`` file,
+``layer_map: stride``, ``align: weights``).
 """
 
 from __future__ import annotations

@@ -90,6 +90,16 @@ def _paths(value: str | list[str]) -> list[Path]:
     return [Path(p) for p in ([value] if isinstance(value, str) else value)]
 
 
+ALIGN_MODES = ("none", "weights", "activations")  # align.ALIGN_MODES (align imports torch; the schema must not)
+
+
+def check_align(value: str) -> str:
+    """``--align``: a mode, or the ``mam_align.json`` of an aligned merge to replay (what its recipe names)."""
+    if value not in ALIGN_MODES and not value.endswith(".json"):
+        raise ValueError(f"must be one of {', '.join(ALIGN_MODES)} or a path to a mam_align.json")
+    return value
+
+
 CommaList = Annotated[StrictStr | StrictInt | list[StrictStr | StrictInt], AfterValidator(_comma_list)]
 AsPath = Annotated[StrictStr, AfterValidator(_path)]
 
@@ -114,6 +124,7 @@ class MergeRecipe(BaseModel):
     out_dtype: Literal["fp32", "fp16", "bf16"] | None = None  # merge.OUT_DTYPES
     revision: StrictStr | None = None
     arch_map: Annotated[StrictStr | list[StrictStr], AfterValidator(_paths)] | None = None
+    align: Annotated[StrictStr, AfterValidator(check_align)] | None = None  # an aligned merge's: its mam_align.json
 
 
 class ShardIndex(_Open):

@@ -356,3 +356,101 @@ def test_two_processes_equal_one_with_their_batches_accumulated(tiny, mam, tmp_p
     la = json.loads((tmp_path / "two" / "lams.json").read_text())["per_layer"]
     lb = json.loads((tmp_path / "one" / "lams.json").read_text())["per_layer"]
     assert la == pytest.approx(lb, abs=1e-6) and la != pytest.approx({"0": 0.2, "1": 0.2}, abs=1e-3)
+
+
+BERT = {"q": "query", "k": "key", "v": "value"}
+
+
+def _aligned(source: dict[str, torch.Tensor], doc: dict, i: int, part: str) -> torch.Tensor:
+    """The source tensor as ``--align`` re-indexes it: S[rows][:, hidden] (mam_align.json's convention)."""
+    name = f"bert.encoder.layer.{i}.attention.self.{BERT[part]}.weight"
+    rows = torch.tensor(doc["rows"][str(i)]["v" if part == "v" else "qk"])
+    return source[name].index_select(0, rows).index_select(1, torch.tensor(doc["hidden"]))
+
+
+def test_lmam_aligned_starts_at_the_aligned_formula(tiny, tmp_path):
+    """L-MAM reads the source itself: with --align its buffers hold the permuted source, so at step 0 every merged
+    weight is exactly λ · S[rows][:, hidden] + (1 − λ) · T, with the permutations `mam merge --align` finds."""
+    from mamcli.merge import merge_to_dir, solve_alignment
+
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    with resolve(str(tgt)) as t, resolve(str(src)) as s:
+        merge_to_dir(s, t, MergeOptions(lam=0.3, align="weights"), tmp_path / "m")
+        am = load_audio_model(t, "asr")
+        store = ModelStore(am.model, t.spec)
+        plan = InMemoryMerger(store).plan(s, MergeOptions(lam=0.3, align="weights"))
+        with pytest.raises(MamError, match="permutations first"):
+            attach_learnable(am.model, plan, s, 0.3, per_part=False)
+        alignment = solve_alignment(plan, s, store)
+        bank = attach_learnable(am.model, plan, s, 0.3, per_part=False)
+    assert alignment is not None and alignment.dumps() == (tmp_path / "m" / "mam_align.json").read_text()
+    doc = json.loads(alignment.dumps())
+    source, target = load_dir(src), load_dir(tgt)
+    for i in range(2):
+        lam = torch.sigmoid(bank.logits.detach()[bank.keys.index(str(i))])
+        for part in ("q", "k", "v"):
+            name = f"hubert.encoder.layers.{i}.attention.{part}_proj.weight"
+            got = am.model.get_submodule(name.removesuffix(".weight")).weight.detach()
+            assert torch.equal(got, lam * _aligned(source, doc, i, part) + (1 - lam) * target[name])
+            unaligned = source[f"bert.encoder.layer.{i}.attention.self.{BERT[part]}.weight"]
+            assert not torch.equal(got, lam * unaligned + (1 - lam) * target[name])
+
+
+def test_aligned_finetune_writes_verifies_and_replays_its_permutations(tiny, mam, tmp_path):
+    """MAM and L-MAM with --align weights: the output carries mam_align.json (the bytes `mam merge --align
+    weights` writes for the pair), hashed in the report and checked by `mam verify`; at lr 1e-30 (the target
+    cannot move in float32) MAM's weights are the aligned merge's, and L-MAM's replay with
+    `mam merge --lams lams.json --align mam_align.json` bit for bit."""
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    common = ["--data", FSDD, "--limit", "4", "--source", src, "--lam-init", "0.2", "--align", "weights",
+              "--epochs", "1", "--batch-size", "2", "--lr", "1e-30", "-q"]
+    assert mam("merge", src, tgt, "--lam", "0.2", "--align", "weights", "-o", tmp_path / "m", "-q").code == 0
+    r = mam("finetune", tgt, *common, "--learnable-lam", "--lam-lr", "0.5", "-o", tmp_path / "l", "--format", "json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    assert report["alignment"]["mode"] == "weights" and report["options"]["align"] == "weights"
+    assert report["outputs"]["hashes"]["mam_align.json"]
+    assert (tmp_path / "l" / "mam_align.json").read_bytes() == (tmp_path / "m" / "mam_align.json").read_bytes()
+    assert mam("verify", tmp_path / "l").code == 0
+    assert "Aligned first (`--align weights`" in (tmp_path / "l" / "README.md").read_text()
+    assert mam("merge", src, tgt, "--lams", tmp_path / "l" / "lams.json", "--align",
+               tmp_path / "l" / "mam_align.json", "-o", tmp_path / "replay", "-q").code == 0
+    lmam, replay, merged, original = (load_dir(d) for d in (tmp_path / "l", tmp_path / "replay", tmp_path / "m", tgt))
+    assert mam("finetune", tgt, *common, "-o", tmp_path / "f").code == 0
+    mam_ft = load_dir(tmp_path / "f")
+    qkv = [k for k in original if ".attention." in k and k.endswith(("q_proj.weight", "k_proj.weight",
+                                                                     "v_proj.weight"))]
+    assert len(qkv) == 6
+    assert all(torch.equal(lmam[k], replay[k]) and not torch.equal(lmam[k], merged[k]) for k in qkv)  # λ moved
+    assert all(torch.equal(mam_ft[k], merged[k]) for k in qkv)
+    assert all(torch.equal(mam_ft[k], original[k]) for k in original if k not in qkv)
+    r = mam("finetune", tgt, "--data", FSDD, "--limit", "4", "--align", "weights", "-o", tmp_path / "n", "-q")
+    assert r.code == 1 and "--align needs --source" in r.err
+
+
+def test_aligned_run_keeps_its_permutations_for_resume(tiny, tmp_path, monkeypatch):
+    """The permutations are solved once and kept in the run folder (a file mam owns there): --resume reads them
+    rather than solving again, and ends where the uninterrupted run ends, bit for bit."""
+    from mamcli.finetune.state import ours
+
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    base = dict(task="asr", lam_init=0.2, learnable_lam=True, align="weights", epochs=1, lr=1e-3, batch_size=2,
+                checkpoint_every=1)
+    with resolve(str(tgt)) as t, resolve(str(src)) as s:
+        finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "straight", s)
+        _crash_at_batch(monkeypatch, 3)  # steps 1-2 done and saved
+        with pytest.raises(RuntimeError, match="power cut"):
+            finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s)
+        monkeypatch.undo()
+        saved = run_dir(tmp_path / "resumed") / "mam_align.json"
+        assert ours(saved) and saved.read_bytes() == (tmp_path / "straight" / "mam_align.json").read_bytes()
+
+        def no_solve(*_args: object) -> None:
+            raise AssertionError("a resumed run solved the alignment again")
+
+        monkeypatch.setattr("mamcli.merge.solve_weights", no_solve)
+        finetune(t, _digits(6), None, FinetuneOptions(**base), tmp_path / "resumed", s, resume=True)
+    a, b = load_dir(tmp_path / "straight"), load_dir(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("mam_align.json", "lams.json"):
+        assert (tmp_path / "resumed" / f).read_bytes() == (tmp_path / "straight" / f).read_bytes()

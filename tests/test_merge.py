@@ -380,3 +380,61 @@ def test_force_replaces_only_after_success(tiny, mam, tmp_path):
     assert mam("merge", src, tgt, "--lam", "0.9", "-o", out, "-q", "--force").code == 0
     assert (out / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def _lj() -> str:
+    """LJ Speech clips with their transcripts: paired data for --align activations."""
+    from conftest import SHARED
+
+    return f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1"
+
+
+def test_align_activations_through_the_cli(tiny, mam, tmp_path):
+    """--align activations pools --data's clips (target) and transcripts (source), solves, and merges exactly
+    λ · S[rows][:, hidden] + (1 − λ) · T; the report, the card and `mam verify` name and cover the permutations."""
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    r = mam("merge", src, tgt, "--lam", "0.4", "--align", "activations", "--data", _lj(), "--limit", "6",
+            "--device", "cpu", "--batch-size", "3", "-o", tmp_path / "o", "-q", "--json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    a = report["alignment"]
+    assert a["mode"] == "activations" and a["pairs"] == 6 and a["layers"] == [0, 1]
+    assert a["row_correlation"]["aligned"] > a["row_correlation"]["identity"]
+    doc = json.loads((tmp_path / "o" / "mam_align.json").read_text())
+    s, t, out = load_dir(src), load_dir(tgt), load_dir(tmp_path / "o")
+    group = {"q": "qk", "k": "qk", "v": "v"}
+    for i in range(2):
+        for p in QKV:
+            aligned = s[f"bert.encoder.layer.{i}.attention.self.{BERT[p]}.weight"]
+            aligned = aligned[torch.tensor(doc["rows"][str(i)][group[p]])][:, torch.tensor(doc["hidden"])]
+            name = f"hubert.encoder.layers.{i}.attention.{p}_proj.weight"
+            assert torch.equal(out[name], 0.4 * aligned + (1 - 0.4) * t[name])
+    assert doc["hidden"] != list(range(32))
+    assert "Aligned first (`--align activations`" in (tmp_path / "o" / "README.md").read_text()
+    assert mam("verify", tmp_path / "o").code == 0
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--align", "sideways"], 2, "must be one of none, weights, activations or a path to a mam_align.json"),
+    (["--align", "activations"], 1, "--align activations needs paired data (speech clips with transcripts): "
+                                    "give --data"),
+    (["--align", "activations", "--data", "ljspeech:/no/such/folder"], 1, "/no/such/folder"),
+    (["--align", "weights", "--parts", "q,k,v,o"], 1, "--align permutes Q, K and V only"),
+    (["--align", "/no/such/mam_align.json"], 1, "alignment file /no/such/mam_align.json does not exist"),
+    (["--align", "weights", "--data", "ljspeech:LJSpeech-1.1"], 1, "--data is read only by --align activations"),
+])
+def test_align_refusals_are_one_line(args, code, needle, tiny, mam, tmp_path):
+    r = mam("merge", tiny("bert", layers=2), tiny("hubert-ctc", layers=2), "--lam", "0.1", *args,
+            "-o", tmp_path / "o")
+    assert r.code == code and needle in r.err and r.err.strip().count("\n") == 0, r.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_align_activations_refuses_an_image_source_and_dry_run_reads_no_clip(tiny, mam, tmp_path):
+    vit, tgt = tiny("vit", layers=2), tiny("hubert-ctc", layers=2)
+    r = mam("merge", vit, tgt, "--lam", "0.1", "--align", "activations", "--data", _lj(), "--limit", "2",
+            "-o", tmp_path / "o", "-q")
+    assert r.code == 1 and "cannot read; use --align weights" in r.err and r.err.strip().count("\n") == 0, r.err
+    r = mam("merge", vit, tgt, "--lam", "0.1", "--align", "activations", "--data", _lj(), "--dry-run",
+            "--format", "csv")
+    assert r.code == 0 and len(r.out.strip().splitlines()) == 1 + 6, r.err

@@ -51,6 +51,41 @@ def test_hand_written_recipe_and_flags_that_win(pair, mam, tmp_path):
     assert json.loads((tmp_path / "c" / "mam_report.json").read_text())["recipe"]["lams"]["q"] == [0, 0.1, 0.1]
 
 
+@pytest.mark.parametrize("flags", [["--lam", "0.2", "--layers", "0,2"],
+                                   ["--lam", "0.4", "--noise", "source", "--seed", "2", "--bias"]])
+def test_aligned_recipe_replays_the_same_bytes(pair, mam, tmp_path, flags):
+    """The recipe of an aligned merge names its mam_align.json: the replay reads those permutations (no solve)
+    and writes the same weights and the same permutation file; only the recipe's own path differs."""
+    assert mam("merge", *pair, *flags, "--align", "weights", "-o", tmp_path / "a", "-q").code == 0
+    recipe = tmp_path / "a" / "mam_recipe.yaml"
+    assert f"align: {tmp_path / 'a' / 'mam_align.json'}" in recipe.read_text().splitlines()
+    r = mam("merge", "--config", recipe, "-o", tmp_path / "b", "-q")
+    assert r.code == 0, r.err
+    a, b = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
+    assert a.pop("mam_recipe.yaml") != b.pop("mam_recipe.yaml")  # each names its own mam_align.json
+    assert a == b and "mam_align.json" in a
+    for f in ("model.safetensors", "mam_align.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    report = json.loads((tmp_path / "b" / "mam_report.json").read_text())
+    assert report["recipe"]["align"] == "weights" and report["alignment"]["mode"] == "weights"
+    unaligned = tmp_path / "c"
+    assert mam("merge", *pair, *flags, "-o", unaligned, "-q").code == 0
+    assert (unaligned / "model.safetensors").read_bytes() != (tmp_path / "a" / "model.safetensors").read_bytes()
+    # --align on the command line wins over the recipe's file: the unaligned merge again, byte for byte
+    assert mam("merge", "--config", recipe, "--align", "none", "-o", tmp_path / "d", "-q").code == 0
+    assert (tmp_path / "d" / "model.safetensors").read_bytes() == (unaligned / "model.safetensors").read_bytes()
+
+
+def test_hand_written_recipe_names_the_alignment_mode(pair, mam, tmp_path):
+    src, tgt = pair
+    (tmp_path / "r.yaml").write_text(f"source: {src}\ntarget: {tgt}\nlam: 0.3\nalign: weights\n")
+    assert mam("merge", "--config", tmp_path / "r.yaml", "-o", tmp_path / "a", "-q").code == 0
+    assert mam("merge", *pair, "--lam", "0.3", "--align", "weights", "-o", tmp_path / "b", "-q").code == 0
+    assert _hashes(tmp_path / "a") != _hashes(tmp_path / "b")  # the recipes name their own permutation files
+    for f in ("model.safetensors", "mam_align.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
 @pytest.mark.parametrize("text,code,needle", [
     ("lam: 0.1\nlamda: 0.2\n", 2, "unknown key 'lamda'"),
     ("lam: [0.1\n", 1, "not valid YAML"),
@@ -62,6 +97,9 @@ def test_hand_written_recipe_and_flags_that_win(pair, mam, tmp_path):
     ("lam: 0.1\nshard_size: lots\n", 1, "bad size 'lots'"),
     ("source: /no/such/model\ntarget: /no/such/either\nlam: 0.1\n", 1, "does not exist"),
     ("lams: {q: [0.1, 2, 0]}\n", 1, "field lams.q[1]: input should be less than or equal to 1"),
+    ("lam: 0.1\nalign: sideways\n", 1, "field align: value error, must be one of none, weights, activations or "
+                                      "a path to a mam_align.json (got str)"),
+    ("lam: 0.1\nalign: /no/such/mam_align.json\n", 1, "alignment file /no/such/mam_align.json does not exist"),
 ])
 def test_bad_recipes(pair, mam, tmp_path, text, code, needle):
     (tmp_path / "r.yaml").write_text(text)
@@ -97,9 +135,11 @@ def test_recipe_values_arrive_typed(pair, mam, tmp_path):
 
 
 def test_recipe_schema_names_the_choices_merge_takes():
-    """The recipe schema spells out --noise and --out-dtype (merge imports torch; the schema must not): the same."""
+    """The recipe schema spells out --noise, --out-dtype and --align's modes (merge and align import torch; the
+    schema must not): the same."""
     from typing import get_args
 
+    from mamcli import align, schemas
     from mamcli.merge import NOISE_KINDS, OUT_DTYPES
     from mamcli.schemas import MergeRecipe
 
@@ -108,3 +148,4 @@ def test_recipe_schema_names_the_choices_merge_takes():
         return set(get_args(literal))
 
     assert choices("noise") == set(NOISE_KINDS) and choices("out_dtype") == set(OUT_DTYPES)
+    assert schemas.ALIGN_MODES == align.ALIGN_MODES

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mamcli.align import ALIGN_FILE, ActivationStats, collect_activations
 from mamcli.checkpoint import Checkpoint
 from mamcli.data import Clip, Dataset, iter_clips
 from mamcli.errors import MamError
@@ -33,10 +34,10 @@ from mamcli.families import FAMILIES, Family
 from mamcli.finetune.lam import LAM_MODULE, LamBank, LamMerge, attach_learnable, baked_state_dict, lam_table
 from mamcli.finetune.loop import TrainingLoop, make_accelerator, tracker_missing
 from mamcli.finetune.options import MIXED_PRECISION, RESUME_MAY_CHANGE, TRACKERS, FinetuneOptions
-from mamcli.finetune.output import BEST_FILE, WriteError, save_best, write_output
+from mamcli.finetune.output import BEST_FILE, WriteError, save_best, write_output, writing
 from mamcli.finetune.progress import quiet
 from mamcli.finetune.state import METRICS_FILE, RUN_FILE, TENSORBOARD_DIR, RunState, ours, run_dir
-from mamcli.merge import MergeOptions, MergePlan
+from mamcli.merge import MergeOptions, MergePlan, plan_merge, solve_alignment
 from mamcli.models import AudioModel, InMemoryMerger, ModelStore, stored_dtype
 from mamcli.report import peak_rss_mib, versions
 from mamcli.tasks import Task, TaskOptions, make
@@ -71,6 +72,8 @@ def _check_sources(opts: FinetuneOptions, source: Checkpoint | None) -> None:
         raise MamError("--lam-init needs --source (the model whose attention is merged in)")
     if source is not None and opts.lam_init is None:
         raise MamError("with --source give --lam-init (the fixed λ of MAM, or L-MAM's starting λ)")
+    if opts.align != "none" and source is None:
+        raise MamError("--align needs --source (the model it re-indexes to match the target)")
 
 
 def _check_run_folder(work: Path, out: Path, resume: bool, force: bool) -> None:
@@ -158,7 +161,7 @@ class _Run:
         opts, acc, work = self.opts, self.acc, self.work
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed)  # transformers' SpecAugment time masks use numpy's global RNG
-        am, store, plan, bank = self._prepare(families)
+        am, store, plan, bank = self._prepare(families, resume)
         clips = self._read_clips(am)
         num_layers = store.arch().num_layers
 
@@ -175,16 +178,17 @@ class _Run:
             return {"command": "finetune", "status": "done", "process": acc.process_index}
         if evaluator is None or not (work / BEST_FILE).is_file():
             keep_best()
-        report = self._report(loop, bank, started)
+        report = self._report(loop, bank, plan, started)
         write_output(self.out, self.replace_out, self.inputs, self.target, am, report, loop.st.trajectory,
-                     self.command, work, [loop.metrics, work / TENSORBOARD_DIR])
+                     self.command, work, [loop.metrics, work / TENSORBOARD_DIR, work / ALIGN_FILE])
         shutil.rmtree(work, ignore_errors=True)
         report["output_dir"] = str(self.out)
         return report
 
-    def _prepare(self, families: tuple[Family, ...]) -> tuple[AudioModel, ModelStore, MergePlan | None,
-                                                               LamBank | None]:
-        """The target loaded to train, frozen where asked, merged (MAM) or reparametrised (L-MAM)."""
+    def _prepare(self, families: tuple[Family, ...], resume: bool) -> tuple[AudioModel, ModelStore,
+                                                                            MergePlan | None, LamBank | None]:
+        """The target loaded to train, frozen where asked, merged (MAM) or reparametrised (L-MAM), with the
+        source aligned first where asked."""
         opts, target, source = self.opts, self.target, self.source
         am = self.task.load_for_training(target, self.train.all_labels, opts.device)
         self.task.check(self.train)
@@ -194,12 +198,42 @@ class _Run:
             return am, store, None, None
         assert opts.lam_init is not None
         merger = InMemoryMerger(store, families)
-        plan = merger.plan(source, MergeOptions(lam=opts.lam_init, layers=opts.layers, parts=opts.parts,
-                                                layer_map=opts.layer_map))
-        if opts.learnable_lam:
+        plan = merger.plan(source, self._merge_options(self._alignment(store, families, resume)))
+        if opts.learnable_lam:  # the λ parametrizations read the source themselves: the permutations first
+            solve_alignment(plan, source, store)
             return am, store, plan, attach_learnable(am.model, plan, source, opts.lam_init, opts.per_part)
         merger.apply(source, plan)  # MAM, then plain fine-tuning: the merged weights are the starting point
         return am, store, plan, None
+
+    def _merge_options(self, align: str, align_data: ActivationStats | None = None) -> MergeOptions:
+        opts = self.opts
+        return MergeOptions(lam=opts.lam_init, layers=opts.layers, parts=opts.parts, layer_map=opts.layer_map,
+                            align=align, align_data=align_data)
+
+    def _alignment(self, store: ModelStore, families: tuple[Family, ...], resume: bool) -> str:
+        """``none``, or the run folder's ``mam_align.json``: solved once, by the main process, against the target
+        as loaded (so it is what ``mam merge --align`` finds for the pair), and read by every process, so all
+        merge alike; a resumed run reads the permutations it started with. ``activations`` pools the training
+        clips with their transcripts (the dev clips stay unseen)."""
+        opts, acc, saved = self.opts, self.acc, self.work / ALIGN_FILE
+        if opts.align == "none":
+            return "none"
+        if acc.is_main_process and not (resume and saved.is_file()):
+            assert self.source is not None
+            data = None
+            if opts.align == "activations":
+                self.say(f"--align activations: pooling {len(self.train.items)} training clips and their transcripts")
+                data = collect_activations(self.source, self.target, self.train, families, device=str(acc.device),
+                                           batch_size=opts.batch_size)
+            plan = plan_merge(self.source, store, self._merge_options(opts.align, data), families)
+            alignment = solve_alignment(plan, self.source, store)
+            assert alignment is not None
+            tmp = saved.with_name(f"{ALIGN_FILE}.tmp")
+            with writing(self.work):
+                tmp.write_text(alignment.dumps(), encoding="utf-8")
+                tmp.replace(saved)
+        acc.wait_for_everyone()
+        return str(saved)
 
     def _read_clips(self, am: AudioModel) -> list[Clip]:
         """Training clips; unreadable ones, those the model's front end cannot take (too short, too long) and
@@ -218,7 +252,8 @@ class _Run:
                                                                           if bad else ""))
         return sorted(clips, key=lambda c: c.item.id)
 
-    def _report(self, loop: TrainingLoop, bank: LamBank | None, started: float) -> dict[str, Any]:
+    def _report(self, loop: TrainingLoop, bank: LamBank | None, plan: MergePlan | None,
+                started: float) -> dict[str, Any]:
         opts, st, source = self.opts, loop.st, self.source
         return {
             "command": "finetune", "status": "done",
@@ -226,6 +261,7 @@ class _Run:
                        "train": self.train.describe(), "dev": self.dev.describe() if self.dev else None},
             "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
             "mode": "l-mam" if bank is not None else ("mam+finetune" if source is not None else "finetune"),
+            **({"alignment": plan.alignment.summary()} if plan is not None and plan.alignment is not None else {}),
             "task": self.task.describe(), "epochs": st.history, "best_dev_error": st.best, "steps": st.step,
             "bad_clips": self.bad, "versions": versions(), "wall_time_s": round(time.perf_counter() - started, 3),
             "peak_rss_mib": peak_rss_mib(),

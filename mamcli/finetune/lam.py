@@ -1,4 +1,5 @@
-"""L-MAM's λ bank (Eq. 3): every merged target weight reparametrised as ``λ_i · W_source + (1 − λ_i) · W_target``.
+"""L-MAM's λ bank (Eq. 3): every merged target weight reparametrised as ``λ_i · W_source + (1 − λ_i) · W_target``
+(with ``--align``, W_source re-indexed by the plan's permutations).
 
 ``λ_i = sigmoid(logit_i)`` keeps λ in [0, 1]; the source weight is a frozen, non-persistent buffer, the target
 weight and the logits train (torch parametrizations). The logits live in one module on the model
@@ -59,7 +60,11 @@ def _module_of(model: nn.Module, tensor_name: str) -> tuple[nn.Module, str]:
 
 def attach_learnable(model: nn.Module, plan: MergePlan, source: TensorStore, lam_init: float,
                      per_part: bool) -> LamBank:
-    """Register λ-merge parametrizations on every planned target tensor (unfused layouts only)."""
+    """Register λ-merge parametrizations on every planned target tensor (unfused layouts only). With an aligned
+    plan (``plan.alignment``, see :func:`mamcli.merge.solve_alignment`) each source tensor is re-indexed as
+    ``mam merge --align`` re-indexes it, so the start is λ · P_out · W_s · P_inᵀ + (1 − λ) · W_t."""
+    if plan.options.align != "none" and plan.alignment is None:
+        raise MamError("an aligned L-MAM plan needs its permutations first (merge.solve_alignment)")
     if any(p.target_rows is not None for p in plan.pairs):
         raise MamError("L-MAM needs separate q/k/v weights in the target (its attention is fused)")
     keys = sorted({LamBank.key(p.layer, p.part, per_part) for p in plan.pairs},
@@ -72,6 +77,8 @@ def attach_learnable(model: nn.Module, plan: MergePlan, source: TensorStore, lam
         module, attr = _module_of(model, p.target)
         src = source.get(p.source)
         src = (src if p.source_rows is None else src[p.source_rows[0]:p.source_rows[1]]).to(device)
+        if plan.alignment is not None:
+            src = plan.alignment.apply(p, src)
         key = LamBank.key(p.layer, p.part, per_part)
         parametrize.register_parametrization(module, attr, LamMerge(src.to(getattr(module, attr).dtype),
                                                                     bank.logits, keys.index(key)))

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from mamcli.errors import MamError
+from mamcli.schemas import check_align
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # Accelerate's
 TRACKERS = {"tensorboard": ("torch.utils.tensorboard", "tensorboardX")}  # --log-with → modules, any one will do
@@ -21,6 +22,8 @@ class FinetuneOptions:
     layer_map: str | None = None  # source layer per target layer, as for merge (sources of another depth)
     per_part: bool = False
     parts: tuple[str, ...] = ("q", "k", "v")
+    # none | weights | activations (the training clips with their transcripts) | a mam_align.json to replay
+    align: str = "none"
     epochs: int = 1
     lr: float | None = None  # None: the task's default_lr (1e-5 speech recognition, 1e-4 audio events)
     lam_lr: float = 1e-2
@@ -62,6 +65,10 @@ class FinetuneOptions:
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise MamError(f"--max-grad-norm must be a finite number, 0 or more (0: no clipping); "
                            f"got {self.max_grad_norm}")
+        try:
+            check_align(self.align)
+        except ValueError as e:
+            raise MamError(f"--align {e}; got {self.align!r}") from None
         if self.mixed_precision not in MIXED_PRECISION:
             raise MamError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}; "
                            f"got {self.mixed_precision!r}")

@@ -19,13 +19,15 @@ from typing import Any
 
 import torch
 
+from mamcli.align import ALIGN_FILE
 from mamcli.errors import MamError
 
 RUN_FILE = "run.json"  # the run's position; names the save_state folder it goes with (written last: the commit)
 METRICS_FILE = "metrics.jsonl"  # one JSON object per optimizer step, copied into the output
 TENSORBOARD_DIR = "tensorboard"  # --log-with tensorboard: event files, copied into the output
+# all a run folder ever holds, besides the state folders (ALIGN_FILE: --align's permutations, solved once)
 RUN_FILES = frozenset({RUN_FILE, f"{RUN_FILE}.tmp", "best.pt", "best.pt.tmp", METRICS_FILE, f"{METRICS_FILE}.tmp",
-                       TENSORBOARD_DIR})  # all a run folder ever holds, besides the state folders
+                       TENSORBOARD_DIR, ALIGN_FILE, f"{ALIGN_FILE}.tmp"})
 STATE_DIR = re.compile(r"state-\d+")  # Accelerate's save_state folders, numbered by save
 
 
