@@ -1,0 +1,184 @@
+"""Whisper decoding for evaluation: an exact greedy loop, and a fast mode that is not exact.
+
+``generate()`` with greedy search spends most of a 4-layer decoder's time in per-token Python (logits
+processors, stopping criteria, cache objects, mask building): on 2 CPU cores it costs about as much as the
+encoder (benchmarks/whisper_bench.py). The exact path runs the checkpoint's own encoder module unchanged (so
+merge hooks and the sweep's prefix cache see it), then a plain greedy loop over the same decoder weights with a
+preallocated key/value cache and the cross-attention keys/values computed once. It applies what ``generate``
+applies for Whisper without timestamps — the decoder prompt, ``suppress_tokens`` at every step and
+``begin_suppress_tokens`` at the first — so it picks the same tokens; the floats differ only by kernel
+rounding (SDPA here). Beam search, and multilingual prompts whose language is detected per clip, go to
+``generate`` itself.
+
+The fast mode (``fast=True``) is NOT exact: the same greedy loop over a copy of the model whose Linear layers
+are dynamically quantised to int8 (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations
+quantised per batch). Its hypotheses differ from the exact ones on some clips; benchmarks/whisper_bench.py
+measures its speed and its WER against exact mode. The copy is rebuilt whenever the model's weights change (a
+sweep's merge points write them in place), and is built without the model's hooks, so a sweep's prefix cache
+does not replay into it. Cutting the encoder's 30-s window to the audio (whisper.cpp's ``audio_ctx``) was
+measured and rejected: 11 of 24 LJ clips changed, several into loops that ran to the token bound.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from copy import deepcopy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mamcli.errors import MamError
+
+# Decoder steps are a few hundred small products each: one thread. A second one mostly waits at each product's
+# barrier, and when other work shares the cores it waits for a time slice: 1.5 s against 5.9 s to decode 8 LJ
+# clips with 2 threads on the shared 2-core machine (the encoder's large products keep every thread).
+DECODER_THREADS = 1
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """At most ``n`` intra-op threads inside, the caller's count again after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def generate(am: Any, inputs: dict[str, torch.Tensor], prompt: list[int | None], fast: bool = False,
+             **kwargs: Any) -> torch.Tensor:
+    """New token ids (batch, at most ``max_new_tokens``), the pad token after end-of-text: what
+    ``am.model.generate(**inputs, **kwargs)`` returns for Whisper without timestamps, and a drop-in for it.
+
+    ``prompt``: the task's decoder prompt (``Seq2Seq.prompt``: it already holds what ``task``, ``language`` and
+    ``return_timestamps=False`` ask for; None where the language is detected per clip). ``kwargs``: generate's.
+    Beam search, sampling or language detection go to ``generate`` itself. ``fast``: int8 Linear layers (the
+    module's docstring); not exact."""
+    greedy_ok = kwargs.get("num_beams", 1) == 1 and not kwargs.get("do_sample") and None not in prompt
+    if fast and not greedy_ok:
+        raise MamError("--fast decodes greedily with a known decoder prompt: leave --beams out, and give --language "
+                       "to a multilingual model")
+    if fast and am.model.device.type != "cpu":
+        raise MamError("--fast (int8 dynamic quantisation) runs on CPU only; leave it out on a GPU")
+    if not greedy_ok:
+        return am.model.generate(**inputs, **kwargs)
+    model = quantized(am.model) if fast else am.model
+    hidden = model.get_encoder()(inputs["input_features"]).last_hidden_state
+    return greedy(model, hidden, [int(t) for t in prompt if t is not None], int(kwargs.get("max_new_tokens")
+                  or am.model.config.max_target_positions - len(prompt)))
+
+
+def describe(fast: bool) -> dict[str, Any]:
+    """The decoding engine for a report: whether its hypotheses are exact (what ``generate()`` gives) or not."""
+    if fast:
+        return {"engine": "fast", "exact": False,
+                "what": "int8 dynamic quantisation of every Linear layer; hypotheses differ from exact on some clips"}
+    return {"engine": "exact", "exact": True,
+            "what": "the checkpoint's encoder, then greedy decoding with a preallocated key/value cache "
+                    "(beam search and language detection: generate())"}
+
+
+# the model (weakly: a freed model's address may be reused), its weights' fingerprint, its int8 copy
+_QUANTIZED: list[tuple[weakref.ref[Any], tuple[tuple[int, int], ...], Any]] = []
+
+
+def _fingerprint(model: Any) -> tuple[tuple[int, int], ...]:
+    """Storage and version counter of every parameter: an in-place write (``copy_``) or a swap changes it."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def quantized(model: Any) -> Any:
+    """An int8 copy of ``model`` (dynamic quantisation of every Linear layer), cached until its weights change.
+
+    The copy drops forward hooks and patched ``forward`` methods (a sweep's prefix cache), so it always computes."""
+    key = _fingerprint(model)
+    if _QUANTIZED and _QUANTIZED[0][0]() is model and _QUANTIZED[0][1] == key:
+        return _QUANTIZED[0][2]
+    copy = deepcopy(model)
+    for m in copy.modules():
+        m.__dict__.pop("forward", None)
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    copy = torch.ao.quantization.quantize_dynamic(copy, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    _QUANTIZED[:] = [(weakref.ref(model), key, copy)]  # one model at a time: a sweep's earlier points are done
+    return copy
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, length, width) → (batch, heads, length, width / heads)."""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def _attend(attn: Any, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Whisper attention with given keys/values: the query is scaled before the product, as the model does.
+    One query per row: two batched products (SDPA's CPU kernel is 3× slower at this shape), else SDPA."""
+    q = _heads(attn.q_proj(x) * attn.scaling, attn.num_heads)
+    if x.shape[1] == 1:
+        out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+    return attn.out_proj(out.transpose(1, 2).reshape(x.shape))
+
+
+@torch.inference_mode()
+def greedy(model: Any, hidden: torch.Tensor, prompt: list[int], max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding from encoder states: the prompt, then one token per step until every row has ended or
+    ``max_new_tokens`` new tokens; logits processed as ``generate`` does for Whisper without timestamps."""
+    gen = model.generation_config
+    dec = model.get_decoder()
+    eos = gen.eos_token_id[0] if isinstance(gen.eos_token_id, list) else gen.eos_token_id
+    pad = gen.pad_token_id if gen.pad_token_id is not None else eos
+    batch, total = hidden.shape[0], len(prompt) + max_new_tokens
+    heads, width = dec.layers[0].self_attn.num_heads, hidden.shape[-1]
+    # contiguous: the products would otherwise copy the cross-attention keys/values (a step's bulk) every step
+    cross = [(_heads(layer.encoder_attn.k_proj(hidden), heads).contiguous(),
+              _heads(layer.encoder_attn.v_proj(hidden), heads).contiguous()) for layer in dec.layers]
+    cache = hidden.new_empty(len(dec.layers), 2, batch, heads, total, width // heads)
+    vocab = model.proj_out.out_features
+    suppress = _mask(gen.suppress_tokens, vocab, hidden.device)
+    begin = suppress | _mask(gen.begin_suppress_tokens, vocab, hidden.device)
+    seqs = torch.full((batch, total), pad, dtype=torch.long, device=hidden.device)
+    seqs[:, :len(prompt)] = torch.tensor(prompt)
+    done = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
+    start, end = 0, len(prompt)
+    with _threads(DECODER_THREADS):
+        for step in range(max_new_tokens):
+            x = dec.embed_tokens(seqs[:, start:end]) + dec.embed_positions.weight[start:end]
+            for i, layer in enumerate(dec.layers):
+                h = layer.self_attn_layer_norm(x)
+                cache[i, 0, :, :, start:end] = _heads(layer.self_attn.k_proj(h), heads)
+                cache[i, 1, :, :, start:end] = _heads(layer.self_attn.v_proj(h), heads)
+                x = x + _attend(layer.self_attn, h, cache[i, 0, :, :, :end], cache[i, 1, :, :, :end], end - start > 1)
+                x = x + _attend(layer.encoder_attn, layer.encoder_attn_layer_norm(x), *cross[i], False)
+                x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
+            logits = model.proj_out(dec.layer_norm(x[:, -1]))
+            logits = logits.masked_fill(begin if step == 0 else suppress, -math.inf)
+            token = torch.where(done, pad, logits.argmax(-1))
+            seqs[:, end] = token
+            done |= token == eos
+            start, end = end, end + 1
+            if bool(done.all()):
+                break
+    return _as_generate(seqs[:, len(prompt):end], eos, pad)
+
+
+def _as_generate(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
+    """generate()'s short-form layout: each row without its end-of-text token, padded to the longest row."""
+    ended = seqs == eos
+    lengths = torch.where(ended.any(-1), ended.int().argmax(-1), seqs.shape[1])
+    seqs = seqs.masked_fill(torch.arange(seqs.shape[1], device=seqs.device) >= lengths[:, None], pad)
+    return seqs[:, :int(lengths.max())]
+
+
+def _mask(tokens: list[int] | None, vocab: int, device: torch.device) -> torch.Tensor:
+    """A (vocab,) boolean mask of ``tokens``."""
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    if tokens:
+        mask[torch.tensor([t for t in tokens if t < vocab], dtype=torch.long)] = True
+    return mask

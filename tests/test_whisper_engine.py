@@ -1,0 +1,101 @@
+"""The Whisper engine: its exact greedy loop gives generate()'s token ids (tiny random Whisper and the real
+whisper-tiny.en), stops at the token bound, hands beams to generate(); the int8 fast mode runs, says it is not
+exact, and follows weight changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED
+from mamcli import whisper_engine
+from mamcli.checkpoint import resolve
+from mamcli.data import iter_clips, load_dataset
+from mamcli.errors import MamError
+from mamcli.models import load_audio_model
+
+SHORT = ("LJ001-0008", "LJ002-0020")  # 1.8 s and 1.5 s of real speech
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Hundreds of tiny decoder steps: on the shared 2-core machine a second thread mostly waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_am(tiny):
+    with resolve(str(tiny("whisper", hidden=32, layers=2, heads=4))) as ck:
+        return load_audio_model(ck, "asr", "cpu")
+
+
+def _noise(am, seconds):
+    rng = np.random.default_rng(0)
+    return am.inputs([rng.standard_normal(int(s * am.rate)).astype(np.float32) * 0.1 for s in seconds])
+
+
+def _generate(am, inputs, **kwargs):
+    with torch.inference_mode():
+        return am.model.generate(**inputs, do_sample=False, **kwargs)
+
+
+def test_exact_greedy_equals_generate_and_stops_at_the_bound(tiny_am):
+    inputs = _noise(tiny_am, [3.0, 1.0, 2.0])
+    prompt = tiny_am.task.prompt
+    assert prompt == [50257, 50362]  # start of transcript, no timestamps: English-only
+    for bound in (1, 7, 25):
+        ours = whisper_engine.generate(tiny_am, inputs, prompt, max_new_tokens=bound, num_beams=1)
+        ref = _generate(tiny_am, inputs, max_new_tokens=bound, num_beams=1)
+        assert ours.shape == ref.shape and torch.equal(ours, ref)
+        assert ours.shape == (3, bound)  # a random decoder never says end-of-text: every row runs to the bound
+
+
+def test_beams_go_to_generate(tiny_am):
+    inputs = _noise(tiny_am, [2.0, 1.0])
+    ours = whisper_engine.generate(tiny_am, inputs, tiny_am.task.prompt, max_new_tokens=6, num_beams=3)
+    ref = _generate(tiny_am, inputs, max_new_tokens=6, num_beams=3)
+    assert torch.equal(ours, ref) and ours.shape == (2, 6)
+    with pytest.raises(MamError, match="greedily"):
+        whisper_engine.generate(tiny_am, inputs, tiny_am.task.prompt, fast=True, max_new_tokens=6, num_beams=3)
+
+
+def test_exact_on_real_speech_equals_generate(real):
+    with resolve(str(real("whisper-tiny.en"))) as ck:
+        am = load_audio_model(ck, "asr", "cpu")
+    ds = load_dataset(f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1")
+    ds.items = [i for i in ds.items if i.id in SHORT]
+    inputs = am.inputs([c.audio for c in iter_clips(ds, am.rate)])
+    ours = whisper_engine.generate(am, inputs, am.task.prompt, max_new_tokens=40, num_beams=1)
+    ref = _generate(am, inputs, max_new_tokens=40, num_beams=1)
+    assert torch.equal(ours, ref)
+    assert ours.shape[1] < 40  # real speech ends before the bound
+    texts = am.tokenizer.batch_decode(ours, skip_special_tokens=True)
+    assert sum(len(t.split()) for t in texts) >= 4
+
+
+def test_fast_mode_runs_is_not_exact_and_follows_weight_changes(tiny_am):
+    assert whisper_engine.describe(fast=True)["exact"] is False
+    assert whisper_engine.describe(fast=False)["exact"] is True
+    inputs = _noise(tiny_am, [2.0, 1.0])
+    out = whisper_engine.generate(tiny_am, inputs, tiny_am.task.prompt, fast=True, max_new_tokens=5, num_beams=1)
+    assert out.shape == (2, 5) and out.dtype == torch.long
+    q = whisper_engine.quantized(tiny_am.model)
+    linear = q.model.encoder.layers[0].self_attn.q_proj
+    assert isinstance(linear, torch.ao.nn.quantized.dynamic.Linear)
+    assert whisper_engine.quantized(tiny_am.model) is q  # unchanged weights: the same copy
+    param = tiny_am.model.model.encoder.layers[0].self_attn.q_proj.weight
+    original = param.detach().clone()
+    with torch.no_grad():
+        param.mul_(2.0)  # what a sweep's merge point does: an in-place write
+    try:
+        q2 = whisper_engine.quantized(tiny_am.model)
+        assert q2 is not q
+        w = q2.model.encoder.layers[0].self_attn.q_proj.weight().dequantize()
+        assert torch.allclose(w, param.detach(), atol=float(param.detach().abs().max()) / 100)
+    finally:
+        with torch.no_grad():
+            param.copy_(original)
