@@ -38,6 +38,7 @@ class TaskOptions:
     beams: int = 1
     language: str | None = None
     normalizer: str = "auto"
+    fast: bool = False  # seq2seq: int8 Linear layers (mamcli.whisper_engine), not exact
     label_map: Path | None = None
 
 
@@ -81,6 +82,8 @@ class Task:
         if self.options.beams > 1 and self.kind != "seq2seq":
             raise MamError(f"--beams applies to sequence-to-sequence models (Whisper); {self.describe_head()} "
                            "decodes greedily")
+        if self.options.fast and self.kind != "seq2seq":
+            raise MamError(f"--fast applies to sequence-to-sequence models (Whisper); this is {self.describe_head()}")
         if self.options.language is not None and self.kind != "seq2seq":
             raise MamError(f"--language applies to multilingual sequence-to-sequence models (Whisper); "
                            f"this is {self.describe_head()}")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mamcli import whisper_engine
 from mamcli.errors import MamError
 from mamcli.tasks.base import Predicted, SpeechRecognition, TaskOptions
 
@@ -115,7 +116,7 @@ class Seq2Seq(SpeechRecognition):
             if self.language_token:
                 kwargs["language"] = self.language_token
         with _generation_quiet():
-            out = am.model.generate(**inputs, **kwargs)
+            out = whisper_engine.generate(am, inputs, self.prompt, fast=self.options.fast, **kwargs)
         seqs = out if isinstance(out, torch.Tensor) else out["sequences"]
         texts = [t.strip() for t in am.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
         # a clip that ended with end-of-text has fewer than `bound` text tokens (the bound counts the end token)
@@ -158,6 +159,7 @@ class Seq2Seq(SpeechRecognition):
         beams = self.options.beams
         return {**super().describe(),
                 "decoding": "greedy" if beams == 1 else f"beam search, {beams} beams",
+                **whisper_engine.describe(self.options.fast),
                 "token_bound": f"max_new_tokens = ceil({TOKENS_PER_SECOND} tokens/s × longest clip of the batch) + "
                                f"{TOKENS_SLACK}, at most {self.limit}",
                 "language": self.options.language if self.options.language else
