@@ -14,7 +14,7 @@ everywhere). Only the main process reports.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ from mamcli.models import (
     stored_dtype,
 )
 from mamcli.report import peak_rss_mib, versions
-from mamcli.stats import COLUMNS, add_paired_columns
+from mamcli.stats import COLUMNS, RESAMPLES, add_paired_columns, method
 from mamcli.tasks import Task, TaskOptions, make
 
 
@@ -75,7 +75,7 @@ class SweepOptions:
     bias: bool = False
     layer_map: str | None = None
     baseline: str = "target"  # the details key paired statistics compare with (λ = 0)
-    resamples: int = 1000  # paired bootstrap resamples
+    resamples: int = RESAMPLES  # paired bootstrap resamples (WER; classification error is tested exactly)
 
     def layer_sets(self, num_layers: int) -> list[tuple[str, list[int]]]:
         """(label, layers) per block: ``--blocks N`` cuts the depth into consecutive blocks of N."""
@@ -142,33 +142,38 @@ class Evaluator:
         return nullcontext() if self.cache.full else self.cache.record(k)
 
     @torch.inference_mode()
-    def predict(self) -> dict[str, str]:
+    def predict(self, which: Sequence[int] | None = None) -> dict[str, str]:
         """Clip id → hypothesis (ASR) or dataset label (audio events) of every process's clips, in batch
-        order, using the prefix cache if set. Under a launcher the wall time includes waiting for the others."""
+        order, using the prefix cache if set. Under a launcher the wall time includes waiting for the others.
+        ``which``: this process's batches to run (a round of ``mam search``; default all); every process calls
+        it, with its own share, as the predictions are gathered."""
         started = time.perf_counter()
         out: dict[str, str] = {}
         at_bound: list[str] = []
         model = self.am.model
         was_training = model.training
         model.eval()  # no dropout while scoring, also mid-training
-        for k, (batch, inputs, samples) in enumerate(zip(self.batches, self.inputs, self.samples, strict=True)):
+        todo = list(range(len(self.batches))) if which is None else list(which)
+        for n, k in enumerate(todo, 1):
+            batch, inputs, samples = self.batches[k], self.inputs[k], self.samples[k]
             with self._forward(k):
                 pred = self.task.predict(self.am, inputs, samples)
             out.update({item.id: t for item, t in zip(batch, pred.texts, strict=True)})
             at_bound += [item.id for item, hit in zip(batch, pred.at_bound, strict=True) if hit]
             if self.ticker:
-                self.ticker(k + 1, len(self.batches))
+                self.ticker(n, len(todo))
         model.train(was_training)
         parts = self.processes.all_gather((out, at_bound))
         found = {k: t for texts, _ in parts for k, t in texts.items()}
         hit = {k for _, ids in parts for k in ids}
         self.at_bound = [k for k in self.order if k in hit]
         self.seconds += time.perf_counter() - started
-        return {k: found[k] for k in self.order}
+        return {k: found[k] for k in self.order if k in found}
 
-    def score(self, preds: dict[str, str]) -> dict[str, Any]:
-        items = sorted(self.items, key=lambda i: i.id)
-        return self.task.score(items, preds, set(self.at_bound))
+    def score(self, preds: dict[str, str], at_bound: set[str] | None = None) -> dict[str, Any]:
+        """Scores of the clips in ``preds`` (all of them after a full ``predict()``), in clip-id order."""
+        items = sorted((i for i in self.items if i.id in preds), key=lambda i: i.id)
+        return self.task.score(items, preds, set(self.at_bound) if at_bound is None else at_bound)
 
     def evaluate(self, label: str = "") -> dict[str, Any]:
         """Predict and score; ``label`` names the sweep point in the note about clips stopped at the token bound."""
@@ -251,10 +256,13 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
         parts = ev.processes.all_gather(ev.cache.describe(len(ev.batches)))
         cache = {**parts[0], **{k: sum(p[k] for p in parts) for k in ("used_bytes", "batches_replayed", "batches")}}
     add_paired_columns(results, details, opts.baseline, norm, opts.resamples, opts.seed)
+    classification = "clips_detail" in base
     return {"baseline": _summary(base), "points": results, "details": details,
             "paired_statistics": {"baseline": opts.baseline, "resamples": opts.resamples, "seed": opts.seed,
-                                  "method": "paired bootstrap over utterances (clips), 95 % percentile interval of "
-                                            "the error difference to the baseline (Bisani & Ney 2004)"},
+                                  "method": method(classification, opts.resamples),
+                                  "comparisons": len(results) - 1,  # each interval at 95 % on its own
+                                  "note": f"{len(results) - 1} comparison(s) with the baseline, each at 95 % on its "
+                                          "own: about one in twenty excludes 0 by chance"},
             "table": paper_table(results, [c for c, _ in columns]) if columns else
             [{"layers": "-", "lam": 0.0, **_summary(base)}], "first_merged_layer": first,
             "timing": {"baseline_s": round(base_t, 3), "total_s": round(ev.seconds, 3)},

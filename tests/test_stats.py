@@ -211,3 +211,68 @@ def test_columns_for_audio_events():
     add_paired_columns(points, details, resamples=100)
     assert points[1]["delta"] == 0.75 and points[1]["worse"] == 15 and points[1]["better"] == 0
     assert 0 < points[1]["delta_lo"] <= 0.75 <= points[1]["delta_hi"]
+
+
+def _table(both: int, worse: int, better: int, neither: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(row, baseline) clip counts of a paired 2×2 table of errors."""
+    row = [(1, 1)] * (both + worse) + [(0, 1)] * (better + neither)
+    base = [(1, 1)] * both + [(0, 1)] * worse + [(1, 1)] * better + [(0, 1)] * neither
+    return row, base
+
+
+@pytest.mark.parametrize(("k", "m"), [(0, 4), (4, 4), (18, 50), (32, 50), (3, 11), (7, 7), (5, 20)])
+def test_exact_test_is_scipys_binomial_test(k, m):
+    from scipy.stats import binomtest
+
+    p, mid = stats.binomial_two_sided(k, m)
+    assert p == pytest.approx(binomtest(k, m, 0.5).pvalue, rel=1e-12)
+    low = min(k, m - k)  # mid-p by hand: the observed outcome counts half
+    from math import comb
+    assert mid == pytest.approx(min(1.0, 2 * sum(comb(m, i) for i in range(low)) / 2**m + comb(m, low) / 2**m))
+
+
+def test_the_issues_cases_by_the_exact_test():
+    # 4 of 80 clips change the same way: sign test p = 2 / 2**4 = 0.125, not shown (a bootstrap would say it is)
+    r = stats.compare(*_table(10, 0, 4, 66), classification=True)
+    assert (r["better"], r["worse"], r["p_value"]) == (4, 0, 0.125) and r["shown"] is False
+    assert r["delta"] == pytest.approx(-4 / 80)
+    # ESC-10 5-fold: 18 clips better, 32 worse: p ≈ 0.065
+    r = stats.paired_exact(*_table(30, 32, 18, 320))
+    assert r["p_value"] == pytest.approx(0.0649, abs=5e-4)
+
+
+def test_newcombe_interval_equals_the_published_one():
+    # Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8, Cavo et al. (2012):
+    # the table [[59, 6], [16, 80]], Newcombe square-and-add: -0.0621 (95 % CI -0.1186 to -0.0046)
+    r = stats.paired_exact(*_table(59, 6, 16, 80))
+    assert (round(r["delta"], 4), round(r["delta_lo"], 4), round(r["delta_hi"], 4)) == (-0.0621, -0.1186, -0.0046)
+    assert (r["better"], r["worse"], r["same"]) == (16, 6, 139)
+    # the score interval excludes 0, the exact test (p = 0.0525) does not reject: not shown; its mid-p would
+    assert r["p_value"] == pytest.approx(0.0525, abs=1e-4) and r["mid_p"] < 0.05
+    assert stats.compare(*_table(59, 6, 16, 80), classification=True)["shown"] is False
+
+
+def test_newcombe_interval_holds_its_level():
+    """Coverage over simulated paired tables (n = 80, π_row = 0.25, π_base = 0.30, some agreement)."""
+    rng = np.random.default_rng(0)
+    probs = [0.15, 0.10, 0.15, 0.60]  # both wrong, worse, better, neither
+    truth = probs[1] - probs[2]
+    draws = rng.multinomial(80, probs, size=800)
+    covered = sum(r["delta_lo"] <= truth <= r["delta_hi"] for r in (stats.paired_exact(*_table(*d)) for d in draws))
+    assert 0.93 <= covered / len(draws) <= 0.985
+
+
+def test_no_change_gives_zero_with_a_two_sided_interval():
+    r = stats.paired_exact(*_table(20, 0, 0, 60))
+    assert r["delta"] == 0 and r["delta_lo"] < 0 < r["delta_hi"] and r["p_value"] == 1.0
+    assert r["delta_lo"] == pytest.approx(-r["delta_hi"])
+
+
+def test_exact_test_refuses_word_counts():
+    with pytest.raises(MamError, match="classification counts"):
+        stats.paired_exact([(2, 3)], [(1, 3)])
+
+
+def test_wer_default_is_ten_thousand_resamples():
+    r = stats.compare([(1, 3), (0, 2)], [(2, 3), (1, 2)])
+    assert r["resamples"] == 10_000 and "10000 resamples" in r["method"]
