@@ -2,12 +2,16 @@
 
 Every number on the page comes from a mam report; the page is regenerated, never edited by hand, so
 prose that depends on a number (did MAM help?) is written here from the number and its interval.
-Comparisons between separately fine-tuned models reuse mam's own paired bootstrap (mamcli.stats).
+Every paired comparison is recomputed from the per-clip details of the reports with mam's own
+``mamcli.stats.compare`` (exact McNemar test and Newcombe interval for classification error, paired
+bootstrap with 10,000 seeded resamples for WER), not copied from the reports, which predate it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,19 +20,29 @@ from typing import Any
 import numpy as np
 
 from mamcli.layers import layers_spec, parse_layers
-from mamcli.stats import detail_counts, detail_key, paired_bootstrap
+from mamcli.stats import RESAMPLES, compare, detail_counts, detail_key, method, paired_bootstrap
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 PAGE = ROOT / "docs" / "results.md"
 N_LAYERS = 4  # whisper-tiny.en's encoder
 RANDOM_SEED = 1  # the k random layers (benchmarks/results.sh); with seed 0 they equal the top-k sets
+SEED = 0  # the seed of every bootstrap on the page (mam evaluate's default)
+BEST = "best on test, picked on the same clips: optimistic"
+VERSION_KEYS = ("mam", "python", "torch", "transformers", "safetensors", "numpy", "jiwer", "pot")
+CLIP_IDS = ("Clip ids: LJ Speech ids and ESC-10 class/stem ids were already unique; the fix moved no split "
+            "(checked, identical dev/test lists), so no row was rerun.")
 
 
+@functools.cache
 def load(name: str) -> dict[str, Any] | None:
-    """A report of docs/results/, or None when its run was cut or failed."""
+    """A report of docs/results/ (its name kept under ``_name``), or None when its run was cut or failed."""
     path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    report["_name"] = name
+    return report
 
 
 def runs() -> dict[str, dict[str, Any]]:
@@ -50,17 +64,95 @@ def pp(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
-def delta_cell(p: dict[str, Any]) -> str:
-    """Δ to the baseline and its 95 % paired-bootstrap interval, in percentage points."""
-    return f"{pp(p['delta'])} [{pp(p['delta_lo'])}, {pp(p['delta_hi'])}]"
+def p_text(x: float) -> str:
+    return "< 0.001" if x < 0.001 else f"{x:.3f}"
 
 
-def verdict(p: dict[str, Any]) -> str:
-    if p["delta_lo"] > 0:
-        return "worse (interval above 0)"
-    if p["delta_hi"] < 0:
-        return "**better** (interval below 0)"
-    return "no detectable change"
+def p_is(x: float) -> str:
+    """``p = 0.125``, or ``p < 0.001``."""
+    return "p < 0.001" if x < 0.001 else f"p = {x:.3f}"
+
+
+def delta_cell(c: dict[str, Any]) -> str:
+    """Δ and its 95 % interval, in percentage points."""
+    return f"{pp(c['delta'])} [{pp(c['delta_lo'])}, {pp(c['delta_hi'])}]"
+
+
+def stat_cell(c: dict[str, Any]) -> str:
+    """Δ with its interval in pp, and the exact test's p where the comparison is of classification error."""
+    return f"{delta_cell(c)} pp" + (f", {p_is(c['p_value'])}" if "p_value" in c else "")
+
+
+def p_cell(c: dict[str, Any]) -> str:
+    """The exact McNemar p (mid-p in brackets) of a classification comparison."""
+    return f"{p_text(c['p_value'])} ({p_text(c['mid_p'])})"
+
+
+def gain_allowed(c: dict[str, Any]) -> float:
+    """How much lower than the baseline the row's error may still be by its interval (0 when none)."""
+    return max(0.0, -c["delta_lo"])
+
+
+def verdict(c: dict[str, Any]) -> str:
+    """A row against its baseline: better/worse only where ``compare`` says the difference is shown."""
+    if c["shown"]:
+        return "**better**" if c["delta_hi"] < 0 else "worse"
+    if gain_allowed(c) > 0:
+        return f"no detectable gain (allows gains up to {100 * gain_allowed(c):.2f} pp)"
+    return "no gain; worse not shown"
+
+
+def which_better(c: dict[str, Any], a_wins: str, b_wins: str) -> str:
+    """Reading of a paired difference ``a − b`` (negative: ``a`` makes fewer errors), in the words given for
+    either side winning."""
+    if c["shown"]:
+        return a_wins if c["delta_hi"] < 0 else b_wins
+    return "no detectable difference"
+
+
+def noise_verdict(c: dict[str, Any]) -> str:
+    return which_better(c, "the real weights do better", "the noise does better")
+
+
+def cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+class Ledger:
+    """Every paired comparison on the page, computed once from the per-clip details: the page says how many."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def counts(self, key: tuple[str, ...], row: list[tuple[int, int]], base: list[tuple[int, int]],
+               classification: bool) -> dict[str, Any]:
+        """``row − base`` by ``mamcli.stats.compare`` (seeded), remembered under ``key``."""
+        if key not in self.seen:
+            self.seen[key] = compare(row, base, RESAMPLES, SEED, classification=classification)
+        return self.seen[key]
+
+    def paired(self, a_report: dict[str, Any], a: dict[str, Any], b_report: dict[str, Any], b: dict[str, Any]
+               ) -> dict[str, Any]:
+        """Point ``a`` against point ``b`` of (possibly) two reports on the same clips."""
+        da, db = a_report["details"][detail_key(a)], b_report["details"][detail_key(b)]
+        ids_a, ca = detail_counts(da, norm_of(a_report))
+        ids_b, cb = detail_counts(db, norm_of(b_report))
+        if ids_a != ids_b:
+            raise SystemExit("compared rows were scored on different clips")
+        key = (a_report["_name"], detail_key(a), b_report["_name"], detail_key(b))
+        return self.counts(key, ca, cb, "clips_detail" in da)
+
+
+LEDGER = Ledger()
+
+
+def table_note(n: int, classification: bool, extra: str = "") -> str:
+    """The line under a table: how many comparisons it holds and by which method."""
+    how = method(classification) + ("" if classification else f", seed {SEED}")
+    rule = ("better/worse only where the interval excludes 0 and the exact test rejects at 5 %" if classification
+            else "better/worse only where the interval excludes 0")
+    return (f"\n*{n} paired comparison{'' if n == 1 else 's'} in this table, each at 95 % on its own; {how}; "
+            f"{rule}.{extra}*\n")
 
 
 def provenance(*names: str) -> str:
@@ -97,33 +189,29 @@ def layers_label(p: dict[str, Any]) -> str:
     return layers_spec(list(layer_set(p)))
 
 
-def noise_verdict(c: dict[str, Any]) -> str:
-    """Reading of a paired difference ``real source − noise`` (negative: the real weights make fewer errors)."""
-    if c["delta_hi"] < 0:
-        return "the real weights do better"
-    if c["delta_lo"] > 0:
-        return "the noise does better"
-    return "indistinguishable"
+def point_label(p: dict[str, Any]) -> str:
+    return f"layers {layers_label(p)}, λ = {p['lam']:g}"
 
 
 def norm_of(report: dict[str, Any]) -> str:
     return report["evaluation"].get("normalizer", {}).get("name", "basic")
 
 
-def compare(a_report: dict[str, Any], a: dict[str, Any], b_report: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Paired bootstrap of point ``a`` against point ``b`` of (possibly) two reports on the same clips."""
-    ids_a, ca = detail_counts(a_report["details"][detail_key(a)], norm_of(a_report))
-    ids_b, cb = detail_counts(b_report["details"][detail_key(b)], norm_of(b_report))
-    if ids_a != ids_b:
-        raise SystemExit("compared rows were scored on different clips")
-    return paired_bootstrap(ca, cb, 1000, 0)
+def is_classification(report: dict[str, Any]) -> bool:
+    return "clips_detail" in report["details"][detail_key(baseline(report))]
 
 
 def error_interval(report: dict[str, Any], p: dict[str, Any]) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of one system's pooled error (1000 resamples, seed 0)."""
+    """95 % interval of one system's pooled error: Wilson's score interval for a classification error (a
+    proportion of clips), the percentile bootstrap over clips for a WER (RESAMPLES resamples, seed SEED)."""
     _, counts = detail_counts(report["details"][detail_key(p)], norm_of(report))
     c = np.asarray(counts, dtype=np.int64)
-    idx = np.random.default_rng(0).integers(0, len(c), size=(1000, len(c)))
+    if is_classification(report):
+        from scipy.stats import binomtest
+
+        ci = binomtest(int(c[:, 0].sum()), len(c)).proportion_ci(0.95, method="wilson")
+        return float(ci.low), float(ci.high)
+    idx = np.random.default_rng(SEED).integers(0, len(c), size=(RESAMPLES, len(c)))
     rates = c[idx, 0].sum(axis=1) / c[idx, 1].sum(axis=1)
     lo, hi = np.percentile(rates, [2.5, 97.5])
     return float(lo), float(hi)
@@ -143,6 +231,33 @@ def find(reports: list[dict[str, Any] | None], layers: tuple[int, ...], lam: flo
     return None
 
 
+Entry = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]  # (report, point, its comparison to λ = 0)
+
+
+def against_base(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[Entry]:
+    """Each (report, point) with its paired comparison to the unmerged model of the same report."""
+    return [(r, p, LEDGER.paired(r, p, r, baseline(r))) for r, p in pairs]
+
+
+def helped(entries: list[Entry], label: Any = point_label, what: str = "rows", base: str = "λ = 0") -> str:
+    """The answer to "did MAM help?" that the intervals allow: better only where shown, and otherwise how large a
+    gain the widest interval still allows (never a plain "no" while one does)."""
+    better = [label(p) for _, p, c in entries if c["shown"] and c["delta_hi"] < 0]
+    worse = [label(p) for _, p, c in entries if c["shown"] and c["delta_lo"] > 0]
+    n = len(entries)
+    if better:
+        head = f"yes, by its interval, in {len(better)} of {n} {what} ({'; '.join(better)})"
+    else:
+        _, wide, c = max(entries, key=lambda e: gain_allowed(e[2]))
+        if gain_allowed(c) > 0:
+            head = (f"no detectable gain: none of the {n} {what} is better than {base} by its interval; the intervals "
+                    f"still allow gains up to {100 * gain_allowed(c):.2f} pp ({label(wide)})")
+        else:
+            head = f"no: none of the {n} {what} is better than {base}, and no interval allows a gain"
+    return head + (f"; {len(worse)} {'is' if len(worse) == 1 else 'are'} worse ({'; '.join(worse)})" if worse
+                   else "; none is worse by its interval")
+
+
 def sessions() -> list[dict[str, Any]]:
     """The days the page was measured on, oldest first: the machine records of that day's results.sh
     invocations (machines.jsonl, one line each) and the mam calls that started that day (runs.jsonl)."""
@@ -151,34 +266,71 @@ def sessions() -> list[dict[str, Any]]:
     for line in path.read_text().splitlines() if path.is_file() else []:
         if line.strip():
             m = json.loads(line)
-            days.setdefault(m["date"][:10], {"records": [], "runs": []})["records"].append(m)
+            days.setdefault(m["date"][:10], {"day": m["date"][:10], "records": [], "runs": []})["records"].append(m)
     for r in RUNS.values():
-        if r["started"][:10] in days:
-            days[r["started"][:10]]["runs"].append(r)
+        days.setdefault(r["started"][:10], {"day": r["started"][:10], "records": [], "runs": []})["runs"].append(r)
     return [d for _, d in sorted(days.items()) if d["runs"]]
+
+
+def run_reports(run: dict[str, Any]) -> list[str]:
+    """The reports of docs/results/ one logged mam call wrote: its ``-o`` report, the report named after the step
+    (a fine-tuning report results.sh copied), or the step's numbered reports (``esc10-cv-fold1-plain``)."""
+    names = {m.group(1) for m in re.finditer(r"-o docs/results/(\S+)\.json", run["command"])}
+    names |= {f.stem for f in RESULTS.glob("*.json") if f.stem == run["name"] or f.stem.startswith(run["name"] + "-")}
+    return sorted(n for n in names if (load(n) or {}).get("versions"))
+
+
+def day_versions(d: dict[str, Any]) -> str:
+    """The package versions the reports of one measurement day recorded, one line per distinct set."""
+    seen: dict[str, list[str]] = {}
+    for r in d["runs"]:
+        for name in run_reports(r):
+            v = load(name)["versions"]  # type: ignore[index]
+            seen.setdefault(", ".join(f"{k} {v[k]}" for k in VERSION_KEYS if k in v), []).append(name)
+    if not seen:
+        return f"{d['day']}: no report of that day recorded versions"
+    if len(seen) == 1:
+        return f"{d['day']} (all {len(next(iter(seen.values())))} reports of the day): {next(iter(seen))}"
+    return f"{d['day']}: " + "; ".join(f"{v} ({', '.join(names)})" for v, names in seen.items())
 
 
 def session_line(d: dict[str, Any]) -> str:
     """When, where and under what load one day's runs went, and how long its mam calls took."""
-    m = d["records"][0]
     spans = [(datetime.fromisoformat(r["started"]).timestamp(), r["seconds"]) for r in d["runs"]]
     elapsed = (max(a + b for a, b in spans) - min(a for a, _ in spans)) / 60
     total = sum(r["seconds"] for r in d["runs"]) / 60
+    timing = (f"first mam call {min(r['started'] for r in d['runs'])}, {elapsed:.0f} min from the first call's start "
+              f"to the last one's end, {total:.0f} min of mam wall time summed over the parallel streams")
+    if not d["records"]:
+        return f"{d['day']}: no machine record (machines.jsonl has no line for this day); {timing}"
+    m = d["records"][0]
     stages = ", ".join(st for rec in d["records"] for st in rec["stages"])
     loads = "; ".join(", ".join(f"{x:.1f}" for x in rec["load_average_at_start"]) for rec in d["records"])
-    return (f"{m['date'][:10]} (stages {stages}): {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, load "
-            f"average at the start of each invocation {loads}, `OMP_NUM_THREADS={m['omp_num_threads']}`; first mam "
-            f"call {min(r['started'] for r in d['runs'])}, {elapsed:.0f} min from the first call's start to the last "
-            f"one's end, {total:.0f} min of mam wall time summed over the parallel streams")
+    return (f"{d['day']} (stages {stages}): {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, load "
+            f"average at the start of each invocation {loads}, `OMP_NUM_THREADS={m['omp_num_threads']}`; {timing}")
+
+
+def unique_ids() -> str:
+    """How many clip ids the LJ test reports and the ESC-10 fold reports hold, after checking each is unique:
+    the clip-identity line of the page rests on it."""
+    counts = []
+    for names in (["ljs-lam"], [f"esc10-cv-fold{k}-plain" for k in range(1, 6)]):
+        ids = [c for n in names if (r := load(n)) for c in detail_counts(r["details"]["target"], norm_of(r))[0]]
+        if len(set(ids)) != len(ids):
+            raise SystemExit(f"clip ids repeat in {', '.join(names)}: the clip-identity line would be false")
+        counts.append(len(ids))
+    return f"{counts[0]} LJ test ids and {counts[1]} ESC-10 ids in the reports, each distinct"
 
 
 def header() -> str:
     lam, rank = load("ljs-lam"), load("ljs-ranking")
     n_test = lam["evaluation"]["clips"] if lam else "?"
     n_dev = len(rank["samples"]) if rank else "?"
+    n_fold5 = (load("esc10-test-plain") or {}).get("evaluation", {}).get("clips", "?")
     days = sessions()
     lines = "\n".join(f"  * {session_line(d)}." for d in days)
     n_sessions = "one session" if len(days) == 1 else f"{len(days)} sessions"
+    versions = "\n".join(f"  * {day_versions(d)}." for d in days)
     return f"""# Results: the paper's experiments on the real pairs
 
 Generated by `benchmarks/results_md.py` from the JSON reports in [`results/`](results/), which
@@ -192,53 +344,60 @@ Generated by `benchmarks/results_md.py` from the JSON reports in [`results/`](re
   `--dev-fraction 0.3 --seed 0`: {n_dev} dev clips, {n_test} test clips. The speech fine-tuning of section 3
   trains on the dev clips only. ESC-10 (`../shared/data/esc10`, 400 clips, 5
   folds): classifiers train on folds 1-4 (their own seeded dev split, `--dev-fraction 0.3 --seed 0`, picks the
-  epoch) and are tested on fold 5 (80 clips).
+  epoch) and are tested on fold 5 ({n_fold5} clips).
+  {CLIP_IDS[:-1]} ({unique_ids()}).
 * **Decoding.** Greedy (`mam evaluate`'s default, `--beams 1`), no timestamps, Whisper's English normaliser on
   references and hypotheses, new tokens bounded by the clip length (`hit_token_bound` counts clips that reached
   the bound).
-* **Statistics.** Δ is the error difference to the unmerged model (λ = 0), in percentage points, with the
-  95 % paired-bootstrap interval over clips (1000 resamples, seed 0; `mamcli/stats.py`); better/worse count the
-  clips with fewer/more errors. "No detectable change" means the interval contains 0.
+* **Statistics.** Δ is the error difference to the unmerged model (λ = 0) or to the row named, in percentage
+  points, recomputed by this script from the per-clip results of the reports (`mamcli.stats.compare`).
+  WER: {method(False)}, seed {SEED}. Classification error (ESC-10): {method(True)}; the exact p is shown with the
+  mid-p in parentheses. better/worse count the clips with fewer/more errors. A row is called better or worse only
+  where its interval excludes 0 (and, for classification error, the exact test rejects at 5 %); otherwise it
+  says "no detectable gain" with the largest gain its interval still allows. Each interval holds at 95 % on its
+  own: with many on a page about one in twenty excludes 0 by chance, and every table says how many it holds.
+  No row was picked on held-out data (`results.sh` never used `--pick-on-dev`): a "best" row is the best on the
+  clips it is reported on, an optimistic pick, and is labelled so.
 * **Machine and date.** The rows were measured in {n_sessions} on the same kind of machine, every mam
   process single-threaded, a speech stream and an audio-event stream side by side (wall times below are
   under that load; each command block gives its own start):
 {lines}
-* **Versions.** {versions()}.
+* **Versions** of each measurement day, as its mam reports recorded them (machines.jsonl and runs.jsonl record
+  none):
+{versions}
 """
 
 
-def versions() -> str:
-    for name in ("ljs-lam", "esc10-test-plain"):
-        r = load(name)
-        if r:
-            v = r["versions"]
-            return ", ".join(f"{k} {v[k]}" for k in ("mam", "torch", "transformers") if k in v)
-    return "?"
-
-
-def sweep_rows(report: dict[str, Any], ps: list[dict[str, Any]], asr: bool) -> list[list[str]]:
+def sweep_rows(entries: list[Entry], asr: bool, base: dict[str, Any] | None) -> list[list[str]]:
+    """One row per point, the unmerged one (``base``) first when given; each merged row with its comparison."""
     rows = []
-    for p in ps:
-        is_base = p["column"] == "target"
-        row = [layers_label(p), f"{p['lam']:g}", p["column"] if not is_base else "— (unmerged)", pct(p["error"])]
+    for p, c in ([(base, None)] if base else []) + [(p, c) for _, p, c in entries]:
+        row = [layers_label(p), f"{p['lam']:g}", "— (unmerged)" if c is None else p["column"], pct(p["error"])]
         if asr:
             row.append(pct(p["cer"]))
-        row += ["—" if is_base else delta_cell(p), "—" if is_base else f"{p['better']}/{p['worse']}"]
+        row.append("—" if c is None else delta_cell(c))
+        if not asr:
+            row.append("—" if c is None else p_cell(c))
+        row.append("—" if c is None else f"{c['better']}/{c['worse']}")
         if asr:
             row.append(str(p["hit_token_bound"]))
-        row.append("—" if is_base else verdict(p))
+        row.append("—" if c is None else verdict(c))
         rows.append(row)
     return rows
 
 
-def sweep_table(report: dict[str, Any], ps: list[dict[str, Any]], asr: bool) -> str:
+def sweep_header(asr: bool) -> list[str]:
     h = ["layers", "λ", "source / noise", "WER" if asr else "error"] + (["CER"] if asr else [])
-    h += ["Δ vs λ = 0 [95 % CI], pp", "clips better/worse"] + (["clips at token bound"] if asr else []) + ["verdict"]
-    return table(h, sweep_rows(report, ps, asr))
+    h += ["Δ vs λ = 0 [95 % CI], pp"] + ([] if asr else ["exact p (mid-p)"]) + ["clips better/worse"]
+    return h + (["clips at token bound"] if asr else []) + ["verdict"]
+
+
+def sweep_table(entries: list[Entry], asr: bool, base: dict[str, Any] | None = None) -> str:
+    return table(sweep_header(asr), sweep_rows(entries, asr, base)) + table_note(len(entries), not asr)
 
 
 def section_ljs() -> str:
-    lam, noise, b1, b2 = load("ljs-lam"), load("ljs-noise"), load("ljs-blocks1"), load("ljs-blocks2")
+    lam = load("ljs-lam")
     title = "## 1. Text → speech, zero-shot (MiniLM → whisper-tiny.en, LJ Speech test split)\n"
     if lam is None:
         return title + "\nNot run.\n"
@@ -249,66 +408,75 @@ def section_ljs() -> str:
                f"{ev['clips']} clips ({ev['skipped_clips']} skipped), {ev['decoding']} decoding, "
                f"{base['hit_token_bound']} clips at the token bound.\n")
     out.append("### 1a. λ on all four encoder layers\n")
-    out.append(sweep_table(lam, lam["points"], asr=True))
-    merged = [p for p in lam["points"] if p["column"] != "target"]
-    best = min(merged, key=lambda p: (p["error"], p["lam"]))
-    sig_better = [p for p in merged if p["delta_hi"] < 0]
-    sig_worse = [p for p in merged if p["delta_lo"] > 0]
-    broken = [p for p in merged if p["error"] > 0.5]
-    SUMMARY.append(f"Text → speech, zero-shot (1a): {'helped' if sig_better else 'no λ helped'}; best merged point "
-                   f"λ = {best['lam']:g}, WER {pct(best['error'])} vs {pct(base['error'])}, Δ {delta_cell(best)} pp; "
-                   "worse with an interval above 0 at λ = "
-                   f"{', '.join(format(p['lam'], 'g') for p in sig_worse) or '—'}.")
-    out.append(f"\n**Did MAM help?** {'Yes' if sig_better else 'No'}: the best merged point is λ = {best['lam']:g}, "
-               f"{pct(best['error'])} against {pct(base['error'])} unmerged, Δ {delta_cell(best)} pp. "
-               f"{len(sig_better)} of {len(merged)} λ values lower the WER with an interval below 0; "
-               f"{len(sig_worse)} raise it with an interval above 0"
-               + (f" (λ = {', '.join(format(p['lam'], 'g') for p in sig_worse)})" if sig_worse else "") + "."
+    entries = against_base([(lam, p) for p in lam["points"] if p["column"] != "target"])
+    out.append(sweep_table(entries, asr=True, base=base))
+    _, best, bc = min(entries, key=lambda e: (e[1]["error"], e[1]["lam"]))
+    broken = [p for _, p, _ in entries if p["error"] > 0.5]
+    said = helped(entries, lambda p: f"λ = {p['lam']:g}", "λ values")
+    SUMMARY.append(f"Text → speech, zero-shot (1a): {said}. The best merged point ({BEST}): λ = {best['lam']:g}, "
+                   f"WER {pct(best['error'])} vs {pct(base['error'])}, Δ {delta_cell(bc)} pp.")
+    out.append(f"\n**Did MAM help?** {cap(said)}. The best merged point ({BEST}) is λ = {best['lam']:g}, "
+               f"{pct(best['error'])} against {pct(base['error'])} unmerged, Δ {delta_cell(bc)} pp."
                + (f" At λ = {', '.join(format(p['lam'], 'g') for p in broken)} the model no longer transcribes "
                   "(WER above 50 %)." if broken else "") + "\n")
     out.append(provenance("ljs-lam"))
+    out.append(section_ljs_noise(entries))
+    out.append(section_ljs_layers())
+    return "\n".join(out)
 
-    out.append("### 1b. Noise of the same statistics, λ = 0.1, all layers\n")
-    real = find([lam], tuple(range(N_LAYERS)), 0.1, next(p["column"] for p in merged))
-    if noise is None or real is None:
-        out.append("Not run.\n")
-    else:
-        rows = []
-        for rep, p in [real] + [(noise, q) for q in noise["points"] if q["column"] != "target"]:
-            row = [p["column"], pct(p["error"]), pct(p["cer"]), delta_cell(p), f"{p['better']}/{p['worse']}",
-                   str(p["hit_token_bound"])]
-            if p is real[1]:
-                row.append("—")
-            else:
-                c = compare(real[0], real[1], rep, p)
-                row.append(f"{delta_cell(c)}: {noise_verdict(c)}")
-            rows.append(row)
-        out.append(table(["what is merged", "WER", "CER", "Δ vs λ = 0 [95 % CI], pp", "clips better/worse",
-                          "clips at token bound", "real source − this row [95 % CI], pp"], rows))
-        same_base = baseline(noise)["error"] == base["error"]
-        SUMMARY.append("Real MiniLM weights vs noise of the same statistics at λ = 0.1 (1b): "
-                       + "; ".join(f"{r[0]}: real − noise {r[-1].replace(']:', '] pp:')}" for r in rows[1:]) + ".")
-        out.append("\n`source`/`target` noise has exactly the mean and standard deviation of each source/target "
-                   "tensor; `normal` is raw N(0, 1), about 35 times the spread of whisper-tiny.en's attention "
-                   "weights (standard deviation about 0.03), so at λ = 0.1 it wrecks the model.\n")
-        out.append(f"\nThe last column is the paired difference of the real MiniLM weights to each noise row on "
-                   f"the same clips (negative: the real weights make fewer errors). The unmerged WER of this run "
-                   f"{'equals' if same_base else 'DIFFERS from'} the one of 1a.\n")
-        out.append(provenance("ljs-noise"))
 
-    out.append("### 1c. Single layers" + (" and blocks of two" if b2 else "") + ", λ = 0.1"
-               + ("" if b2 else " (blocks of two: cut for time)") + "\n")
-    ps = [p for r in (b1, b2) for p in points(r) if p["column"] != "target"]
-    if not ps:
-        out.append("Not run.\n")
-    else:
-        out.append(sweep_table(b1 or b2, ps, asr=True))  # type: ignore[arg-type]
-        best = min(ps, key=lambda p: p["error"])
-        what = "Single layers and blocks of two" if b2 else "Single layers"
-        SUMMARY.append(f"{what} at λ = 0.1 (1c): the best row merges layers {layers_label(best)}: "
-                       f"WER {pct(best['error'])}, Δ {delta_cell(best)} pp ({verdict(best)}); "
-                       f"{sum(p['delta_hi'] < 0 for p in ps)} of {len(ps)} rows have an interval below 0.")
-        out.append(provenance("ljs-blocks1", *(["ljs-blocks2"] if b2 else [])))
+def section_ljs_noise(entries: list[Entry]) -> str:
+    """1b: the real weights at λ = 0.1 against noise of the same statistics at the same λ."""
+    out = ["### 1b. Noise of the same statistics, λ = 0.1, all layers\n"]
+    lam, noise = load("ljs-lam"), load("ljs-noise")
+    real = next(((r, p, c) for r, p, c in entries if p["lam"] == 0.1 and layer_set(p) == tuple(range(N_LAYERS))),
+                None)
+    if noise is None or real is None or lam is None:
+        return out[0] + "Not run.\n"
+    rows = []
+    said = []
+    for rep, p, c in [real, *against_base([(noise, q) for q in noise["points"] if q["column"] != "target"])]:
+        row = [p["column"], pct(p["error"]), pct(p["cer"]), delta_cell(c), f"{c['better']}/{c['worse']}",
+               str(p["hit_token_bound"])]
+        if p is real[1]:
+            row.append("—")
+        else:
+            d = LEDGER.paired(real[0], real[1], rep, p)
+            row.append(f"{delta_cell(d)}: {noise_verdict(d)}")
+            said.append(f"{p['column']}: real − noise {delta_cell(d)} pp, {noise_verdict(d)}")
+        rows.append(row)
+    out.append(table(["what is merged", "WER", "CER", "Δ vs λ = 0 [95 % CI], pp", "clips better/worse",
+                      "clips at token bound", "real source − this row [95 % CI], pp"], rows))
+    out.append(table_note(len(rows) + len(said), False))
+    same_base = baseline(noise)["error"] == baseline(lam)["error"]
+    SUMMARY.append("Real MiniLM weights vs noise of the same statistics at λ = 0.1 (1b): " + "; ".join(said) + ".")
+    out.append("\n`source`/`target` noise has exactly the mean and standard deviation of each source/target "
+               "tensor; `normal` is raw N(0, 1), about 35 times the spread of whisper-tiny.en's attention "
+               "weights (standard deviation about 0.03), so at λ = 0.1 it wrecks the model.\n")
+    out.append(f"\nThe last column is the paired difference of the real MiniLM weights to each noise row on "
+               f"the same clips (negative: the real weights make fewer errors). The unmerged WER of this run "
+               f"{'equals' if same_base else 'DIFFERS from'} the one of 1a.\n")
+    out.append(provenance("ljs-noise"))
+    return "\n".join(out)
+
+
+def section_ljs_layers() -> str:
+    """1c: single layers and blocks of two at λ = 0.1."""
+    b1, b2 = load("ljs-blocks1"), load("ljs-blocks2")
+    out = ["### 1c. Single layers" + (" and blocks of two" if b2 else "") + ", λ = 0.1"
+           + ("" if b2 else " (blocks of two: cut for time)") + "\n"]
+    entries = against_base([(r, p) for r in (b1, b2) if r for p in r["points"] if p["column"] != "target"])
+    if not entries:
+        return out[0] + "Not run.\n"
+    out.append(sweep_table(entries, asr=True))
+    _, best, bc = min(entries, key=lambda e: e[1]["error"])
+    what = "Single layers and blocks of two" if b2 else "Single layers"
+    said = helped(entries, lambda p: f"layers {layers_label(p)}")
+    out.append(f"\n**Did merging some layers help?** {cap(said)}. The best row ({BEST}) merges layers "
+               f"{layers_label(best)}: WER {pct(best['error'])}, Δ {delta_cell(bc)} pp.\n")
+    SUMMARY.append(f"{what} at λ = 0.1 (1c): {said}. The best row ({BEST}) merges layers {layers_label(best)}: "
+                   f"WER {pct(best['error'])}, Δ {delta_cell(bc)} pp.")
+    out.append(provenance("ljs-blocks1", *(["ljs-blocks2"] if b2 else [])))
     return "\n".join(out)
 
 
@@ -330,7 +498,12 @@ def section_ranking() -> str:
     order = metrics["swd"]["order"]
     out.append(f"\nSWD order, most similar first: {order}.\n")
     out.append(provenance("ljs-rank"))
+    out.append(section_topk(order))
+    return "\n".join(out)
 
+
+def section_topk(order: list[int]) -> str:
+    """Top-k vs bottom-k vs k random layers by the SWD order, each merged at λ = 0.1 on the test split."""
     import random
 
     rng = random.Random(RANDOM_SEED)  # the same draws as results.sh
@@ -338,33 +511,33 @@ def section_ranking() -> str:
                 (f"random (seed {RANDOM_SEED})", sorted(rng.sample(range(len(order)), k)))] for k in (1, 2)}
     reports = [load(n) for n in ("ljs-blocks1", "ljs-blocks2", "ljs-top2", "ljs-bottom2")]
     col = next((p["column"] for r in reports for p in points(r) if p["column"] != "target"), "all-MiniLM-L6-v2")
-    rows = []
-    said = []
+    rows, said = [], []
     for k, picks in sets.items():
         top = find(reports, tuple(picks[0][1]), 0.1, col)
         for i, name in ((1, "bottom"), (2, "random")):
             other = find(reports, tuple(picks[i][1]), 0.1, col)
             if top and other and picks[i][1] != picks[0][1]:
-                c = compare(top[0], top[1], other[0], other[1])
-                word = ("the top-k set does better" if c["delta_hi"] < 0 else f"the {name}-k set does better"
-                        if c["delta_lo"] > 0 else "indistinguishable")
-                said.append(f"k = {k}: top − {name} {delta_cell(c)} pp, {word}")
+                c = LEDGER.paired(top[0], top[1], other[0], other[1])
+                said.append(f"k = {k}: top − {name} {delta_cell(c)} pp, "
+                            f"{which_better(c, 'the top-k set does better', f'the {name}-k set does better')}")
         for label, layers in picks:
             hit = find(reports, tuple(layers), 0.1, col)
             if hit is None:
                 rows.append([str(k), label, ",".join(map(str, layers)), "not run", "", "", ""])
                 continue
-            _, p = hit
-            rows.append([str(k), label, ",".join(map(str, layers)), pct(p["error"]), delta_cell(p),
-                         f"{p['better']}/{p['worse']}", verdict(p)])
+            (_, p, c), = against_base([hit])
+            rows.append([str(k), label, ",".join(map(str, layers)), pct(p["error"]), delta_cell(c),
+                         f"{c['better']}/{c['worse']}", verdict(c)])
+    out = ["### Top-k vs bottom-k vs k random layers by SWD, λ = 0.1, test split\n"]
     same = [k for k, picks in sets.items() if picks[0][1] == picks[2][1]]
-    out.append("### Top-k vs bottom-k vs k random layers by SWD, λ = 0.1, test split\n")
     if same:
         out.append(f"With seed {RANDOM_SEED} the random draw equals the top-k set for k = "
                    f"{', '.join(map(str, same))}: with 4 layers that is likely (1 in 4 for k = 1, 1 in 6 for k = 2), "
                    "and it leaves no separate random row to compare.\n")
     out.append(table(["k", "pick", "layers", "WER", "Δ vs λ = 0 [95 % CI], pp", "clips better/worse", "verdict"],
                      rows))
+    ran = sum(r[3] != "not run" for r in rows)
+    out.append(table_note(ran, False, f" {len(said)} more in the sentence below." if said else ""))
     if said:
         out.append("\n**Did the SWD ranking pick the better layers?** Paired on the same clips: " + "; ".join(said)
                    + ".\n")
@@ -395,31 +568,43 @@ def learned(prefix: str, key: str) -> str:
     return ", ".join(f"{v:.4f}" for _, v in sorted(lams["per_layer"].items(), key=lambda kv: int(kv[0])))
 
 
-def finetune_table(prefix: str, runs: list[tuple[str, str]], asr: bool) -> tuple[str, list[str]]:
-    """Each fine-tuned run on the test clips, against plain fine-tuning on the same clips (paired)."""
+def finetune_table(prefix: str, runs: list[tuple[str, str]], asr: bool) -> tuple[str, list[Entry], dict[int, str]]:
+    """Each fine-tuned run on the test clips, against plain fine-tuning on the same clips (paired): the table,
+    the comparisons (report, point, comparison) and each compared point's run label (by ``id``)."""
     plain = load(f"{prefix}-test-plain")
     rows: list[list[str]] = []
-    said: list[str] = []
+    entries: list[Entry] = []
+    labels: dict[int, str] = {}
     for key, label in runs:
         ft, test = load(f"{prefix}-ft-{key}"), load(f"{prefix}-test-{key}")
         if ft is None or test is None or plain is None:
-            rows.append([label, "not run", "", "", "", "", "", ""])
+            rows.append([label, "not run"] + [""] * (7 if asr else 8))
             continue
         p = baseline(test)
         lo, hi = error_interval(test, p)
         dev = ", ".join(f"{e['dev_error']:.3f}" for e in ft["epochs"])
         kept = 1 + min(range(len(ft["epochs"])), key=lambda i: ft["epochs"][i]["dev_error"])
-        d, bw = "—", "—"
+        cells = ["—", "—"] + ([] if asr else ["—"]) + ["—"]
         if key != "plain":
-            c = compare(test, p, plain, baseline(plain))
-            d, bw = delta_cell(c), f"{c['better']}/{c['worse']}"
-            word = "better" if c["delta_hi"] < 0 else "worse" if c["delta_lo"] > 0 else "no detectable change"
-            said.append(f"{label}: {pct(p['error'])} against {pct(baseline(plain)['error'])} for plain fine-tuning, "
-                        f"Δ {delta_cell(c)} pp, {word}")
-        rows.append([label, dev, str(kept), learned(prefix, key), pct(p["error"]), f"[{pct(lo)}, {pct(hi)}]", d, bw])
+            c = LEDGER.paired(test, p, plain, baseline(plain))
+            entries.append((test, p, c))
+            labels[id(p)] = label
+            cells = [delta_cell(c)] + ([] if asr else [p_cell(c)]) + [f"{c['better']}/{c['worse']}", verdict(c)]
+        rows.append([label, dev, str(kept), learned(prefix, key), pct(p["error"]), f"[{pct(lo)}, {pct(hi)}]",
+                     *cells])
     what = "test WER" if asr else "fold-5 error"
-    return table(["run", "dev error per epoch", "epoch kept", "learned λ, layers 0-3", what, f"95 % CI of the {what}",
-                  "Δ vs plain [95 % CI], pp", "clips better/worse"], rows), said
+    head = ["run", "dev error per epoch", "epoch kept", "learned λ, layers 0-3", what, f"95 % CI of the {what}",
+            "Δ vs plain [95 % CI], pp"] + ([] if asr else ["exact p (mid-p)"]) + ["clips better/worse", "verdict"]
+    single = (" The interval of each run's own error is Wilson's score interval for a proportion." if not asr else
+              f" The interval of each run's own WER is the percentile bootstrap over clips ({RESAMPLES} resamples, "
+              f"seed {SEED}).")
+    return table(head, rows) + table_note(len(entries), not asr, single), entries, labels
+
+
+def finetune_said(entries: list[Entry], labels: dict[int, str], plain: dict[str, Any]) -> list[str]:
+    """One clause per fine-tuned run against plain fine-tuning, worded by its interval."""
+    return [f"{labels[id(p)]}: {pct(p['error'])} against {pct(baseline(plain)['error'])} for plain fine-tuning, "
+            f"Δ {stat_cell(c)}, {verdict(c)}" for _, p, c in entries]
 
 
 def settings(ft: dict[str, Any] | None, where: str, head: str) -> str:
@@ -437,24 +622,27 @@ def settings(ft: dict[str, Any] | None, where: str, head: str) -> str:
 
 def section_ljs_finetune() -> str:
     out = ["## 3. Speech recognition: fine-tuning whisper-tiny.en on LJ Speech\n"]
-    tbl, said = finetune_table("ljs", LJS_RUNS, asr=True)
-    out.append("Trained on the 113 clips of the dev split (a manifest lists them; `mam finetune`'s own seeded split "
-               "of them, `--dev-fraction 0.2 --seed 1`, picks the epoch), tested on the 272 clips of the test split "
-               "of section 1, which no run saw.\n")
+    tbl, entries, labels = finetune_table("ljs", LJS_RUNS, asr=True)
+    plain, lam, rank = load("ljs-test-plain"), load("ljs-lam"), load("ljs-ranking")
+    n_dev = len(rank["samples"]) if rank else "?"
+    n_test = plain["evaluation"]["clips"] if plain else "?"
+    out.append(f"Trained on the {n_dev} clips of the dev split (a manifest lists them; `mam finetune`'s own seeded "
+               f"split of them, `--dev-fraction 0.2 --seed 1`, picks the epoch), tested on the {n_test} clips of the "
+               "test split of section 1, which no run saw.\n")
     out.append(tbl)
-    plain, lam = load("ljs-test-plain"), load("ljs-lam")
+    said = finetune_said(entries, labels, plain) if plain else []
     if plain and lam:
-        c = compare(plain, baseline(plain), lam, baseline(lam))
+        c = LEDGER.paired(plain, baseline(plain), lam, baseline(lam))
         out.append(f"\nPlain fine-tuning against the model as downloaded (section 1, {pct(baseline(lam)['error'])}): "
-                   f"Δ {delta_cell(c)} pp, clips better/worse "
-                   f"{c['better']}/{c['worse']}.\n")
+                   f"Δ {delta_cell(c)} pp, clips better/worse {c['better']}/{c['worse']}, {verdict(c)} (one more "
+                   "comparison, same method).\n")
         n_train = (load("ljs-ft-plain") or {}).get("inputs", {}).get("train", {}).get("clips", "?")
         SUMMARY.append(f"Speech fine-tuning (3): plain fine-tuning on {n_train} LJ clips: "
                        f"{pct(baseline(plain)['error'])} vs {pct(baseline(lam)['error'])} before, "
-                       f"Δ {delta_cell(c)} pp."
-                       + (" " + "; ".join(said) + "." if said else ""))
-    if said:
-        out.append("\n**Did MAM help?** " + "; ".join(said) + ".\n")
+                       f"Δ {delta_cell(c)} pp, {verdict(c)}." + (" " + "; ".join(said) + "." if said else ""))
+    if entries:
+        out.append(f"\n**Did MAM help?** {cap(helped(entries, lambda p: labels[id(p)], 'runs', 'plain fine-tuning'))}: "
+                   + "; ".join(said) + ".\n")
     out.append(settings(load("ljs-ft-plain"), "from the LJ dev split",
                         "Sequence-to-sequence loss on the transcripts (LJ Speech's normalized text); the whole "
                         "model trains."))
@@ -467,23 +655,27 @@ def section_esc10_finetune() -> str:
     plain = load("esc10-test-plain")
     if plain is None:
         return out[0] + "\nNot run.\n"
-    tbl, said = finetune_table("esc10", ESC_RUNS, asr=False)
+    tbl, entries, labels = finetune_table("esc10", ESC_RUNS, asr=False)
     out.append(tbl)
-    if said:
-        SUMMARY.append("ESC-10 fine-tuning (4): " + "; ".join(said) + ".")
+    if entries:
+        said = finetune_said(entries, labels, plain)
+        head = helped(entries, lambda p: labels[id(p)], "runs", "plain fine-tuning")
+        SUMMARY.append(f"ESC-10 fine-tuning (4): {head}: " + "; ".join(said) + ".")
         n = plain["evaluation"]["clips"]
-        out.append("\n**Did MAM help?** " + "; ".join(said) + f". On {n} test clips one clip is {100 / n:.2f} pp, "
-                   "so only a large difference could show.\n")
+        out.append(f"\n**Did MAM help?** {cap(head)}: " + "; ".join(said) + f". On {n} test clips one clip is "
+                   f"{100 / n:.2f} pp, so only a large difference could show.\n")
     pairs = []
     for how in ("mam", "lmam"):
         d, m = load(f"esc10-test-{how}-dinov2"), load(f"esc10-test-{how}-minilm")
         if d and m:
-            c = compare(d, baseline(d), m, baseline(m))
-            pairs.append(f"{'MAM' if how == 'mam' else 'L-MAM'}: DINOv2 − MiniLM {delta_cell(c)} pp, clips DINOv2 "
-                         f"better/worse {c['better']}/{c['worse']}")
+            c = LEDGER.paired(d, baseline(d), m, baseline(m))
+            pairs.append(f"{'MAM' if how == 'mam' else 'L-MAM'}: DINOv2 − MiniLM {stat_cell(c)}, clips DINOv2 "
+                         f"better/worse {c['better']}/{c['worse']}, "
+                         f"{which_better(c, 'the image source does better', 'the text source does better')}")
     if pairs:
-        out.append("\nThe two sources against each other, each fine-tuned the same way (paired, same clips; negative: "
-                   "the image source makes fewer errors): " + "; ".join(pairs) + ".\n")
+        out.append("\nThe two sources against each other, each fine-tuned the same way (paired, same clips, the "
+                   f"method of the table; {len(pairs)} more comparisons; negative: the image source makes fewer "
+                   "errors): " + "; ".join(pairs) + ".\n")
         SUMMARY.append("Image vs text source after fine-tuning, ESC-10 (4): " + "; ".join(pairs) + ".")
     out.append(settings(load("esc10-ft-plain"), "from folds 1-4",
                         "The head is new (WhisperForAudioClassification's projector and classifier on "
@@ -501,114 +693,166 @@ def predictions(report: dict[str, Any]) -> list[tuple[str, str]]:
     return [(c["id"], c["predicted"]) for c in report["details"][detail_key(baseline(report))]["clips_detail"]]
 
 
+def cv_pooled(folds: list[tuple[dict[str, Any], dict[str, Any]]]) -> tuple[list[tuple[int, int]],
+                                                                           list[tuple[int, int]]]:
+    """(L-MAM counts, plain counts) over the clips of all test folds, sorted by clip id as esc_cv.py pools them."""
+    rows = []
+    for merged, plain in folds:
+        ids_m, cm = detail_counts(merged["details"]["target"])
+        ids_p, cp = detail_counts(plain["details"]["target"])
+        if ids_m != ids_p:
+            raise SystemExit("a fold's two classifiers were tested on different clips")
+        rows += zip(ids_m, cm, cp, strict=True)
+    rows.sort(key=lambda r: r[0])
+    return [r[1] for r in rows], [r[2] for r in rows]
+
+
+def seed_flips(merged: list[tuple[int, int]], plain: list[tuple[int, int]], resamples: int, seeds: int = 100) -> int:
+    """Of ``seeds`` bootstrap seeds, how many put the lower end of the percentile interval above 0."""
+    return sum(paired_bootstrap(merged, plain, resamples, s)["delta_lo"] > 0 for s in range(seeds))
+
+
+def cv_reading(c: dict[str, Any], folds: dict[str, list[str]]) -> str:
+    """The CV headline's verdict: the exact test, what the interval allows, and the folds that differ on their own."""
+    if c["shown"]:
+        word = "L-MAM is " + ("better" if c["delta_hi"] < 0 else "worse") + " by the exact test and its interval"
+    elif gain_allowed(c) > 0:
+        word = f"no detectable change; the interval allows gains up to {100 * gain_allowed(c):.2f} pp"
+    else:
+        word = ("no gain (the interval allows none), but that L-MAM is worse is not shown: the exact test does not "
+                "reject at 5 %")
+    if (c["mid_p"] < 0.05) != (c["p_value"] < 0.05):
+        word += f" (the mid-p alone {'would' if c['mid_p'] < 0.05 else 'would not'} reject)"
+    for how in ("worse", "better"):
+        if folds[how]:
+            many = len(folds[how]) > 1
+            word += (f". Fold{'s' if many else ''} {' and '.join(folds[how])} {'are each' if many else 'is'} {how} "
+                     f"by {'their' if many else 'its'} own exact test and interval")
+    return word
+
+
 def section_esc10_cv() -> str:
     """The standard ESC protocol: every fold tested once, errors pooled over all clips (benchmarks/esc_cv.py)."""
     out = ["### The standard protocol: 5-fold cross-validation, plain fine-tuning vs L-MAM (DINOv2)\n"]
     cv = load("esc10-cv-cv")
     if cv is None:
         return out[0] + "\nNot run (see *What was not run*).\n"
-    rows = []
+    rows, done = [], []
+    folds: dict[str, list[str]] = {"worse": [], "better": []}
     for k in cv["folds"]:
         plain, merged = load(f"esc10-cv-fold{k}-plain"), load(f"esc10-cv-fold{k}-merged")
         if plain is None or merged is None:
-            rows.append([k, "?", "?", "", ""])
+            rows.append([k, "?", "?", "", "", "", ""])
             continue
-        c = compare(merged, baseline(merged), plain, baseline(plain))
-        rows.append([k, pct(baseline(plain)["error"]), pct(baseline(merged)["error"]),
-                     delta_cell(c), f"{c['better']}/{c['worse']}"])
-    rows.append([f"**all {cv['clips']} clips**", f"**{pct(cv['plain_error'])}**", f"**{pct(cv['merged_error'])}**",
-                 f"**{delta_cell(cv)}**",
-                 f"**{cv['better']}/{cv['worse']}**"])
-    edge = " (the interval ends at 0)" if 0 in (cv["delta_lo"], cv["delta_hi"]) else ""
-    word = ("L-MAM is better" if cv["delta_hi"] < 0 else "L-MAM is worse" if cv["delta_lo"] > 0
-            else "no detectable change" + edge)
-    said = (f"over all {cv['clips']} clips of the five test folds, L-MAM (DINOv2) {pct(cv['merged_error'])} against "
-            f"{pct(cv['plain_error'])} for plain fine-tuning, Δ {delta_cell(cv)} pp: {word}")
+        done.append((merged, plain))
+        c = LEDGER.paired(merged, baseline(merged), plain, baseline(plain))
+        if c["shown"]:
+            folds["better" if c["delta_hi"] < 0 else "worse"].append(k)
+        rows.append([k, pct(baseline(plain)["error"]), pct(baseline(merged)["error"]), delta_cell(c), p_cell(c),
+                     f"{c['better']}/{c['worse']}", verdict(c)])
+    a, b = cv_pooled(done)
+    c = LEDGER.counts(("esc10-cv", "pooled"), a, b, classification=True)
+    err_a, err_b = sum(e for e, _ in a) / len(a), sum(e for e, _ in b) / len(b)
+    rows.append([f"**all {len(a)} clips**", f"**{pct(err_b)}**", f"**{pct(err_a)}**",
+                 f"**{delta_cell(c)}**", f"**{p_cell(c)}**", f"**{c['better']}/{c['worse']}**", f"**{verdict(c)}**"])
+    said = (f"over all {len(a)} clips of the five test folds, L-MAM (DINOv2) {pct(err_a)} against "
+            f"{pct(err_b)} for plain fine-tuning, Δ {delta_cell(c)} pp; of the "
+            f"{c['better'] + c['worse']} clips that changed, {c['better']} got better and {c['worse']} worse: exact "
+            f"McNemar {p_is(c['p_value'])} (mid-p {p_text(c['mid_p'])}): {cv_reading(c, folds)}")
     SUMMARY.append(f"ESC-10, 5-fold cross-validation (4): {said}.")
     repeat = [(load(f"esc10-cv-fold5-{cv_name}"), load(f"esc10-test-{name}"))
               for cv_name, name in (("plain", "plain"), ("merged", "lmam-dinov2"))]
     same = all(x and y and predictions(x) == predictions(y) for x, y in repeat)
     out.append(f"Each fold is the test set once; the other four train (settings as above: {cv['epochs']} epochs, lr "
                f"{cv['lr']}, dev fraction {cv['dev_fraction']}, seed {cv['seed']}), and the errors are pooled over "
-               "all clips before the paired bootstrap. Fold 5's turn repeats the plain and L-MAM (DINOv2) runs of "
-               "the table above with the same arguments"
-               + (", and its predictions equal theirs clip for clip" if same else "; its predictions DIFFER from "
-                  "theirs") + ".\n")
+               "all clips. Fold 5's turn repeats the plain and L-MAM (DINOv2) runs of the table above with the same "
+               "arguments" + (", and its predictions equal theirs clip for clip" if same else "; its predictions "
+                              "DIFFER from theirs") + ".\n")
     out.append(table(["test fold", "plain fine-tuning", "L-MAM (DINOv2)", "L-MAM − plain [95 % CI], pp",
-                      "clips better/worse"], rows))
+                      "exact p (mid-p)", "clips better/worse", "verdict"], rows))
+    out.append(table_note(len(rows), True))
+    flips = seed_flips(a, b, cv["resamples"])
     out.append(f"\n**Did L-MAM help?** {said[0].upper() + said[1:]}.\n")
+    out.append(f"\n`benchmarks/esc_cv.py`'s own report (`results/esc10-cv-cv.json`) gives the percentile bootstrap "
+               f"interval {delta_cell(cv)} pp ({cv['resamples']} resamples, seed {cv['seed']}). That lower end "
+               f"moves with the seed: at {cv['resamples']} resamples it lies above 0 for {flips} of 100 seeds "
+               "(0-99), which is why this page uses the exact test for classification error.\n")
     out.append(provenance("esc10-cv"))
     return "\n".join(out)
 
 
 def section_esc10_zeroshot() -> str:
-    title = "## 5. Audio events, zero-shot: MAM into the fine-tuned classifier's encoder (fold 5)\n"
-    out = [title]
+    out = ["## 5. Audio events, zero-shot: MAM into the fine-tuned classifier's encoder (fold 5)\n"]
     real_rows: dict[str, tuple[dict[str, Any], dict[float, dict[str, Any]]]] = {}
     for src, label in (("dinov2", "DINOv2 ViT-S/14 (image)"), ("minilm", "all-MiniLM-L6-v2 (text, beyond the paper)")):
-        reps = [load(f"esc10-zs-{src}-{part}") for part in ("lam", "blocks1", "noise")]
-        out.append(f"### Source: {label}\n")
-        if not any(reps):
-            out.append("Not run.\n")
-            continue
-        first = next(r for r in reps if r)
-        base = baseline(first)
-        out.append(f"The plain classifier of section 4, unmerged: error {pct(base['error'])} on "
-                   f"{first['evaluation']['clips']} clips. The last column compares the real weights with each noise "
-                   "row at the same λ (paired, same clips; negative: the real weights make fewer errors).\n")
-        rows = []
-        noise_said: list[str] = []
-        lam_rep = reps[0]
-        alls = {p["lam"]: p for p in points(lam_rep) if p["column"] != "target"}
-        if lam_rep:
-            real_rows[src] = (lam_rep, alls)
-        for r in reps:
-            for p in points(r):
-                if p["column"] == "target":
-                    continue
-                row = [layers_label(p), f"{p['lam']:g}", p["column"], pct(p["error"]), delta_cell(p),
-                       f"{p['better']}/{p['worse']}", verdict(p)]
-                if p.get("noise") and lam_rep and p["lam"] in alls:
-                    c = compare(lam_rep, alls[p["lam"]], r, p)  # type: ignore[arg-type]
-                    noise_said.append(f"{p['column']} at λ = {p['lam']:g}: {noise_verdict(c)}")
-                    row.append(f"{delta_cell(c)}: {noise_verdict(c)}")
-                else:
-                    row.append("—")
-                rows.append(row)
-        out.append(table(["layers", "λ", "source / noise", "error", "Δ vs λ = 0 [95 % CI], pp", "clips better/worse",
-                          "verdict", "real source − noise [95 % CI], pp"], rows))
-        real = [p for r in reps for p in points(r) if p["column"] != "target" and not p.get("noise")]
-        if real:
-            best = min(real, key=lambda p: (p["error"], p["lam"]))
-            better = [p for p in real if p["delta_hi"] < 0]
-            worse = [p for p in real if p["delta_lo"] > 0]
-            out.append(f"\n**Did MAM help?** {'Yes' if better else 'No'}: the lowest error with the real weights is "
-                       f"{pct(best['error'])} (layers {layers_label(best)}, λ = {best['lam']:g}) against "
-                       f"{pct(base['error'])} unmerged, Δ {delta_cell(best)} pp; {len(better)} of {len(real)} rows "
-                       f"have an interval below 0, {len(worse)} above 0.\n")
-            SUMMARY.append(f"ESC-10 zero-shot, {label} (5): {'helped' if better else 'no row helped'}; best "
-                           f"{pct(best['error'])} (layers {layers_label(best)}, λ = {best['lam']:g}) vs "
-                           f"{pct(base['error'])}, Δ {delta_cell(best)} pp."
-                           + (f" Real weights vs noise, all layers: {'; '.join(noise_said)}." if noise_said else ""))
-        out.append(provenance(*(f"esc10-zs-{src}-{part}" for part in ("lam", "blocks1", "noise"))))
+        out.append(zeroshot_source(src, label, real_rows))
     if "dinov2" in real_rows and "minilm" in real_rows:
-        (rd, pd), (rm, pm) = real_rows["dinov2"], real_rows["minilm"]
-        rows = []
-        apart = []
-        for lam in sorted(set(pd) & set(pm)):
-            c = compare(rd, pd[lam], rm, pm[lam])
-            if c["delta_lo"] > 0 or c["delta_hi"] < 0:
-                apart.append(f"{lam:g}")
-            rows.append([f"{lam:g}", pct(pd[lam]["error"]), pct(pm[lam]["error"]),
-                         delta_cell(c), f"{c['better']}/{c['worse']}"])
-        out.append("### Does the source's modality matter? Image vs text source, all layers\n")
-        out.append("Both sources merged into the same classifier at the same λ, paired on the same clips "
-                   "(negative: the image source makes fewer errors).\n")
-        out.append(table(["λ", "DINOv2 error", "MiniLM error", "DINOv2 − MiniLM [95 % CI], pp",
-                          "clips DINOv2 better/worse"], rows))
-        line = (f"the interval excludes 0 only at λ = {', '.join(apart)}" if apart else "no interval excludes 0")
-        out.append(f"\nOf {len(rows)} λ values, {line}.\n")
-        SUMMARY.append(f"Image vs text source, ESC-10 zero-shot (5): {line}.")
+        out.append(zeroshot_modality(real_rows["dinov2"], real_rows["minilm"]))
+    return "\n".join(out)
+
+
+def zeroshot_source(src: str, label: str, real_rows: dict[str, Any]) -> str:
+    """One source merged into the plain classifier: λ, single layers and noise rows, each against λ = 0; the real
+    weights' all-layer rows are left in ``real_rows`` for the comparison of the two sources."""
+    reps = [load(f"esc10-zs-{src}-{part}") for part in ("lam", "blocks1", "noise")]
+    out = [f"### Source: {label}\n"]
+    if not any(reps):
+        return out[0] + "Not run.\n"
+    first = next(r for r in reps if r)
+    base = baseline(first)
+    out.append(f"The plain classifier of section 4, unmerged: error {pct(base['error'])} on "
+               f"{first['evaluation']['clips']} clips. The last column compares the real weights with each noise "
+               "row at the same λ (paired, same clips; negative: the real weights make fewer errors).\n")
+    lam_rep = reps[0]
+    alls = {p["lam"]: p for p in points(lam_rep) if p["column"] != "target"}
+    if lam_rep:
+        real_rows[src] = (lam_rep, alls)
+    entries = against_base([(r, p) for r in reps if r for p in r["points"] if p["column"] != "target"])
+    rows, noise_said = sweep_rows(entries, asr=False, base=None), []
+    for row, (r, p, _) in zip(rows, entries, strict=True):
+        if p.get("noise") and lam_rep and p["lam"] in alls:
+            c = LEDGER.paired(lam_rep, alls[p["lam"]], r, p)
+            noise_said.append(f"{p['column']} at λ = {p['lam']:g}: {stat_cell(c)}, {noise_verdict(c)}")
+            row.append(f"{delta_cell(c)}, {p_is(c['p_value'])}: {noise_verdict(c)}")
+        else:
+            row.append("—")
+    out.append(table([*sweep_header(asr=False), "real source − noise [95 % CI], pp"], rows))
+    out.append(table_note(len(entries) + len(noise_said), True))
+    real = [e for e in entries if not e[1].get("noise")]
+    if real:
+        _, best, bc = min(real, key=lambda e: (e[1]["error"], e[1]["lam"]))
+        said = helped(real)
+        out.append(f"\n**Did MAM help?** {cap(said)}. The best row with the real weights ({BEST}): "
+                   f"{pct(best['error'])} ({point_label(best)}) against {pct(base['error'])} unmerged, Δ "
+                   f"{stat_cell(bc)}.\n")
+        SUMMARY.append(f"ESC-10 zero-shot, {label} (5): {said}. The best row ({BEST}): {pct(best['error'])} "
+                       f"({point_label(best)}) vs {pct(base['error'])}, Δ {stat_cell(bc)}."
+                       + (f" Real weights − noise, all layers: {'; '.join(noise_said)}." if noise_said else ""))
+    out.append(provenance(*(f"esc10-zs-{src}-{part}" for part in ("lam", "blocks1", "noise"))))
+    return "\n".join(out)
+
+
+def zeroshot_modality(dinov2: tuple[dict[str, Any], dict[float, dict[str, Any]]],
+                      minilm: tuple[dict[str, Any], dict[float, dict[str, Any]]]) -> str:
+    """The two sources at the same λ on all layers, paired on the same clips."""
+    (rd, pd), (rm, pm) = dinov2, minilm
+    rows, apart = [], []
+    for lam in sorted(set(pd) & set(pm)):
+        c = LEDGER.paired(rd, pd[lam], rm, pm[lam])
+        if c["shown"]:
+            apart.append(f"{lam:g} ({which_better(c, 'the image source does better', 'the text source does better')})")
+        rows.append([f"{lam:g}", pct(pd[lam]["error"]), pct(pm[lam]["error"]), delta_cell(c), p_cell(c),
+                     f"{c['better']}/{c['worse']}", which_better(c, "image better", "text better")])
+    out = ["### Does the source's modality matter? Image vs text source, all layers\n",
+           "Both sources merged into the same classifier at the same λ, paired on the same clips "
+           "(negative: the image source makes fewer errors).\n",
+           table(["λ", "DINOv2 error", "MiniLM error", "DINOv2 − MiniLM [95 % CI], pp", "exact p (mid-p)",
+                  "clips DINOv2 better/worse", "verdict"], rows),
+           table_note(len(rows), True)]
+    line = (f"the difference is shown only at λ = {', '.join(apart)}" if apart
+            else "no difference is shown (no interval excludes 0 with the exact test rejecting)")
+    out.append(f"\nOf {len(rows)} λ values, {line}.\n")
+    SUMMARY.append(f"Image vs text source, ESC-10 zero-shot (5): {line}.")
     return "\n".join(out)
 
 
@@ -645,13 +889,13 @@ Choices made before the runs, and why:
 * **MAM, then fine-tuning, is `mam merge` followed by a plain `mam finetune` of the merged folder** on ESC-10
   (those runs predate `finetune --layer-map`) and `finetune --source --lam-init` on LJ Speech. Both start
   from the same weights: `finetune` rounds its in-memory merge through the target's stored dtype so that
-  MAM's start equals `mam merge`'s (`mamcli/finetune.py`).
+  MAM's start equals `mam merge`'s (`mamcli/finetune/`).
 * **λ = 0.1** for every MAM and L-MAM start, the value used throughout this page, not tuned. On LJ Speech
   it is worse than λ = 0 zero-shot (section 1a); the fine-tuning rows show whether training recovers or uses it.
 * **The speech fine-tuning trains on the dev split.** `mam finetune` trains on what lies outside its dev
-  split, so the LJ test split (272 clips) would have been the training set; a manifest of the 113 dev clips
+  split, so the LJ test split ({n_test} clips) would have been the training set; a manifest of the {n_dev} dev clips
   keeps the test split unseen. Its own split of those clips uses `--seed 1`: with seed 0 it would follow the
-  outer split (all 113 clips hash below 0.3, and 0.2 of 0.3 would have gone to dev).
+  outer split (all {n_dev} clips hash below 0.3, and 0.2 of 0.3 would have gone to dev).
 * **The learning rate of the ESC-10 classifiers**, chosen on the evidence of one stopped run. The first plain
   run used mam's default for audio events, lr 1e-3; after its first epoch its dev error was 0.828 (chance
   is 0.9), and it was stopped (its state file and per-step losses: `results/esc10-plain-lr1e-3-stopped.*`).
@@ -661,7 +905,7 @@ Choices made before the runs, and why:
 ## Caveats
 
 * **whisper-tiny.en is small and already strong on LJ Speech** (single speaker, read English): its WER
-  here is a few percent, so there is little left for a merge to fix, and 272 test clips resolve
+  here is a few percent, so there is little left for a merge to fix, and {n_test} test clips resolve
   differences of about a percentage point at best (see the intervals). The paper's gains (9.25 → 8.63 %
   WER) were on HuBERT with BERT, a different and weaker starting point.
 * **The image source is not necessarily facebook/dinov2-small**: it is the DINOv2 ViT-S/14 backbone of the
@@ -671,7 +915,7 @@ Choices made before the runs, and why:
   0, 1, 3, 4; `0,4,7,11`), not by the data; the paper merged models of equal depth.
 * **The Whisper classifier** is transformers' `WhisperForAudioClassification`: it mean-pools all 1500 encoder
   frames of the 30 s window, most of them padding for ESC's 5 s clips, and it was trained for two epochs on
-  about 230 clips on a CPU. It is a weak classifier; the comparisons between runs are what matter, and they
+  {n_esc_train} clips on a CPU. It is a weak classifier; the comparisons between runs are what matter, and they
   share data, steps, seed and settings.
 * **L-MAM's λ hardly moved** from its start of 0.1 ({lam_range}, see the tables): with the λ logits' learning
   rate at mam's default (`--lam-lr 0.01`) and a few dozen steps, L-MAM here is close to MAM with a fixed λ
@@ -681,22 +925,36 @@ Choices made before the runs, and why:
 """
 
 
-def main() -> None:
+def render() -> str:
+    """The whole page, from the reports as they are now (the same text on every call)."""
+    SUMMARY.clear()
+    LEDGER.seen.clear()
     sections = [section_ljs(), section_ranking(), section_ljs_finetune(), section_esc10_finetune(),
                 section_esc10_zeroshot()]
     if not load("esc10-cv-cv"):
         SUMMARY.append("Not run: ESC-10 by 5-fold cross-validation (`make cv`); the ESC-10 rows are the fold-5 "
                        "turn. See *What was not run*.")
-    summary = "## In short\n\n" + "\n".join(f"* {line}" for line in SUMMARY) + "\n"
+    n = len(LEDGER.seen)
+    total = (f"This page shows {n} distinct paired comparisons (a row repeated in a second table counted once), each "
+             f"interval at 95 % on its own: if nothing differed, about {n / 20:.0f} would still exclude 0 by chance. "
+             f"No row was picked on held-out data: every \"best\" is the {BEST}.")
+    summary = "## In short\n\n" + "\n".join(f"* {line}" for line in [total, *SUMMARY]) + "\n"
     learned_lams = [v for f in sorted(RESULTS.glob("*-lams-*.json"))
                      for v in json.loads(f.read_text())["per_layer"].values()]
     lam_range = (f"the learned values lie between {min(learned_lams):.3f} and {max(learned_lams):.3f}"
                  if learned_lams else "no L-MAM run yet")
-    notes = NOTES.replace("{lam_range}", lam_range)
+    lam, rank = load("ljs-lam"), load("ljs-ranking")
+    n_test, n_dev = (lam["evaluation"]["clips"] if lam else "?"), (len(rank["samples"]) if rank else "?")
+    n_esc_train = (load("esc10-ft-plain") or {}).get("inputs", {}).get("train", {}).get("clips", "?")
+    notes = NOTES.replace("{lam_range}", lam_range).replace("{n_test}", str(n_test)).replace("{n_dev}", str(n_dev))
+    notes = notes.replace("{n_esc_train}", str(n_esc_train))
     notes = notes if load("esc10-cv-cv") else notes.replace("## How the runs went\n\n",
                                                              "## What was not run, and how the runs went\n\n" + CV_CUT)
-    parts = [header(), summary, *sections, notes]
-    PAGE.write_text("\n".join(parts))
+    return "\n".join([header(), summary, *sections, notes])
+
+
+def main() -> None:
+    PAGE.write_text(render())
     print(f"wrote {PAGE.relative_to(ROOT)}", file=sys.stderr)
 
 
