@@ -6,9 +6,10 @@
 #   bash benchmarks/results.sh STAGE ...       # some stages, in the order given
 #
 # Stages: ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 (text -> speech, LJ Speech), esc10-finetune
-# esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10). Every mam call is logged with its wall
-# time in docs/results/runs.jsonl, every invocation's machine and load in docs/results/machines.jsonl; fine-tuned
-# checkpoints go to build/results/ (git-ignored).
+# esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10), search-ljs search-esc10 (`mam search`
+# on both pairs, unaligned and --align weights, last in each stream). Every mam call is logged with its wall
+# time in docs/results/runs.jsonl, every invocation's machine, load and package versions in
+# docs/results/machines.jsonl; fine-tuned checkpoints go to build/results/ (git-ignored).
 #
 # Threads: each stream runs single-threaded (OMP_NUM_THREADS=1, overridable). On this shared 2-core machine a
 # 2-thread torch process under load ran 2.5x slower than a 1-thread one (8-clip Whisper encoder forward: 6-8 s vs
@@ -59,6 +60,11 @@ mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("Mem
 row = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "nproc": os.cpu_count(),
        "cpu": cpu, "ram_gib": round(mem / 2**20, 1), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
        "kernel": platform.release(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "stages": sys.argv[2:]}
+try:  # the versions every mam report records (package metadata only: no heavy import)
+    from mamcli.report import versions
+    row["versions"] = versions()
+except ImportError as e:
+    row["versions"] = f"unreadable: {e}"
 with open(sys.argv[1], "a") as f:
     f.write(json.dumps(row) + "\n")
 EOF
@@ -183,6 +189,33 @@ esc10_cv() {
     done
 }
 
+# 6. `mam search` (docs/search.md): race the grid on the dev split, confirm the pick once on the test split, against
+# λ = 0 and noise of the source's statistics; each pair unaligned and with --align weights (whose noise control is
+# aligned noise). LJ: the grid of section 1 with the single layers, on its split (the test split is section 1's).
+SEARCH_LAYERS=(--layers all --layers 0 --layers 1 --layers 2 --layers 3)
+search_ljs() {
+    local s=("$MAM" search "$T" --source "$S" "${S_MAP[@]}" --data "$LJ" "${SPLIT[@]}" --lam 0.05,0.1,0.2,0.3
+             "${SEARCH_LAYERS[@]}" -q --format json)
+    step search-ljs "${s[@]}" -o "$OUT/search-ljs.json" >/dev/null
+    step search-ljs-aligned "${s[@]}" --align weights -o "$OUT/search-ljs-aligned.json" >/dev/null
+}
+
+# ESC-10 zero-shot (the grid of section 5): into the plain classifier of section 4, fold 5 split into dev and test
+# (--dev-fraction 0.3 --seed 0). The classifier is fine-tuned first when build/results/ does not hold it.
+search_esc10() {
+    [ -f "$WORK/esc10-plain/mam_report.json" ] || step esc10-ft-plain "$MAM" finetune "$T" "${FT_AEC[@]}" \
+        -o "$WORK/esc10-plain"
+    local s=("$MAM" search "$WORK/esc10-plain" --data "$ESC10" --folds 5 "${SPLIT[@]}" --lam 0.025,0.05,0.1,0.2
+             "${SEARCH_LAYERS[@]}" -q --format json)
+    local name src
+    for name in dinov2 minilm; do
+        if [ "$name" = dinov2 ]; then src=(--source "$D" "${D_MAP[@]}"); else src=(--source "$S" "${S_MAP[@]}"); fi
+        step "search-esc10-$name" "${s[@]}" "${src[@]}" -o "$OUT/search-esc10-$name.json" >/dev/null
+        step "search-esc10-$name-aligned" "${s[@]}" "${src[@]}" --align weights \
+            -o "$OUT/search-esc10-$name-aligned.json" >/dev/null
+    done
+}
+
 run_stage() {
     case $1 in
         ljs-zeroshot) ljs_zeroshot ;;
@@ -195,12 +228,14 @@ run_stage() {
         esc10-text) esc10_text ;;
         esc10-zeroshot) esc10_zeroshot ;;
         esc10-cv) esc10_cv ;;
+        search-ljs) search_ljs ;;
+        search-esc10) search_esc10 ;;
         *) echo "unknown stage $1" >&2; exit 2 ;;
     esac
 }
 
-STREAMS=("ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2"
-         "esc10-finetune esc10-lmam esc10-text esc10-zeroshot esc10-cv")
+STREAMS=("ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 search-ljs"
+         "esc10-finetune esc10-lmam esc10-text esc10-zeroshot esc10-cv search-esc10")
 if [ $# -eq 0 ]; then
     rm -f "$OUT/runs.jsonl" "$OUT/machines.jsonl"
     machine ${STREAMS[0]} ${STREAMS[1]}
