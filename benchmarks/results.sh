@@ -6,8 +6,8 @@
 #   bash benchmarks/results.sh STAGE ...       # some stages, in the order given
 #
 # Stages: ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 (text -> speech, LJ Speech), esc10-finetune
-# esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10), search-ljs search-esc10 (`mam search`
-# on both pairs, unaligned and --align weights, last in each stream). Every mam call is logged with its wall
+# esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10), search-ljs search-ljs-aligned search-esc10
+# (`mam search` on both pairs, unaligned and --align weights, last in each stream). Every mam call is logged with its wall
 # time in docs/results/runs.jsonl, every invocation's machine, load and package versions in
 # docs/results/machines.jsonl; fine-tuned checkpoints go to build/results/ (git-ignored).
 #
@@ -193,17 +193,18 @@ esc10_cv() {
 # λ = 0 and noise of the source's statistics; each pair unaligned and with --align weights (whose noise control is
 # aligned noise). LJ: the grid of section 1 with the single layers, on its split (the test split is section 1's).
 SEARCH_LAYERS=(--layers all --layers 0 --layers 1 --layers 2 --layers 3)
-search_ljs() {
-    local s=("$MAM" search "$T" --source "$S" "${S_MAP[@]}" --data "$LJ" "${SPLIT[@]}" --lam 0.05,0.1,0.2,0.3
-             "${SEARCH_LAYERS[@]}" -q --format json)
-    step search-ljs "${s[@]}" -o "$OUT/search-ljs.json" >/dev/null
-    step search-ljs-aligned "${s[@]}" --align weights -o "$OUT/search-ljs-aligned.json" >/dev/null
+SEARCH_LJS=("$MAM" search "$T" --source "$S" "${S_MAP[@]}" --data "$LJ" "${SPLIT[@]}" --lam 0.05,0.1,0.2,0.3
+            "${SEARCH_LAYERS[@]}" -q --format json)
+search_ljs() { step search-ljs "${SEARCH_LJS[@]}" -o "$OUT/search-ljs.json" >/dev/null; }
+search_ljs_aligned() {
+    step search-ljs-aligned "${SEARCH_LJS[@]}" --align weights -o "$OUT/search-ljs-aligned.json" >/dev/null
 }
 
 # ESC-10 zero-shot (the grid of section 5): into the plain classifier of section 4, fold 5 split into dev and test
 # (--dev-fraction 0.3 --seed 0). The classifier is fine-tuned first when build/results/ does not hold it.
 search_esc10() {
-    [ -f "$WORK/esc10-plain/mam_report.json" ] || step esc10-ft-plain "$MAM" finetune "$T" "${FT_AEC[@]}" \
+    # its own step name: section 4's provenance stays the original run's
+    [ -f "$WORK/esc10-plain/mam_report.json" ] || step search-esc10-ft-plain "$MAM" finetune "$T" "${FT_AEC[@]}" \
         -o "$WORK/esc10-plain"
     local s=("$MAM" search "$WORK/esc10-plain" --data "$ESC10" --folds 5 "${SPLIT[@]}" --lam 0.025,0.05,0.1,0.2
              "${SEARCH_LAYERS[@]}" -q --format json)
@@ -229,12 +230,13 @@ run_stage() {
         esc10-zeroshot) esc10_zeroshot ;;
         esc10-cv) esc10_cv ;;
         search-ljs) search_ljs ;;
+        search-ljs-aligned) search_ljs_aligned ;;
         search-esc10) search_esc10 ;;
         *) echo "unknown stage $1" >&2; exit 2 ;;
     esac
 }
 
-STREAMS=("ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 search-ljs"
+STREAMS=("ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 search-ljs search-ljs-aligned"
          "esc10-finetune esc10-lmam esc10-text esc10-zeroshot esc10-cv search-esc10")
 if [ $# -eq 0 ]; then
     rm -f "$OUT/runs.jsonl" "$OUT/machines.jsonl"
