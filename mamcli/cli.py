@@ -25,7 +25,15 @@ from typer._click.exceptions import NoArgsIsHelpError
 from mamcli.errors import Interrupted, MamError
 from mamcli.metrics import NORMALISERS, RANK_METRICS
 from mamcli.report import printable
-from mamcli.tables import FORMATS, metric_name, render, sweep_columns, sweep_for_files, sweep_for_people
+from mamcli.tables import (
+    FORMATS,
+    metric_name,
+    race_for_people,
+    render,
+    sweep_columns,
+    sweep_for_files,
+    sweep_for_people,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +79,10 @@ AlignOpt = Annotated[str, typer.Option("--align", callback=_align,
                                        help="Re-index the source to match the target before interpolating: none | "
                                        "weights (data-free) | activations (paired clips and transcripts of --data) "
                                        "| PATH/mam_align.json to replay (docs/align.md).")]
+
+
+FastOpt = Annotated[bool, typer.Option("--fast", help="Whisper on CPU: int8 dynamic quantisation of the Linear "
+                                      "layers, greedy only; faster, NOT exact (hypotheses differ on some clips).")]
 
 
 def _choices(name: str, *values: str) -> Any:
@@ -562,6 +574,8 @@ def evaluate_cmd(
     cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, callback=_finite,
                                             help="Memory for replaying unmerged layers in a sweep "
                                             "(about 2 GB per hour of audio); batches beyond it run in full.")] = 4.0,
+    align: AlignOpt = "none",
+    fast: FastOpt = False,
     fmt: FormatOpt = Format.table,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the full JSON report here.")] = None,
     plot: PlotOpt = None,
@@ -580,19 +594,20 @@ def evaluate_cmd(
 
     from mamcli.checkpoint import resolve
     from mamcli.distributed import launched
-    from mamcli.evaluate import EvalOptions, Evaluator, SweepOptions, best_point, evaluate_report, sweep
+    from mamcli.evaluate import EvalOptions, Evaluator, SweepOptions, evaluate_report, sweep
     from mamcli.report import write_evaluation
+    from mamcli.search import pick_on_dev as pick
 
     started = time.perf_counter()
     procs = launched()  # under torchrun / accelerate launch: this process scores its share of the clips
     _logging(verbose and procs.main, quiet or not procs.main)
     opts = EvalOptions(task=task.value, normalizer=normalizer.value, batch_size=batch_size, strict=strict,
                        label_map=label_map, device=device, cache_gb=cache_gb, beams=beams, language=language,
-                       dtype=dtype.value)
+                       dtype=dtype.value, fast=fast)
     sw = SweepOptions(lams=_floats(lam, "--lam"), layers=layers, blocks=blocks,
                       noises=[n.strip() for n in noise.split(",")] if noise else [], with_source=not noise_only,
                       seed=seed, parts=_parts(parts), bias=bias, layer_map=layer_map, baseline=baseline,
-                      resamples=resamples)
+                      resamples=resamples, align=align)
     families = _families(arch_map)
     if pick_on_dev and split != Split.all:
         raise MamError("--pick-on-dev makes its own dev/test split; leave --split out")
@@ -606,30 +621,19 @@ def evaluate_cmd(
             check_roles(src.arch(families), tgt.arch(families), src.spec, tgt.spec)
         first = "dev" if pick_on_dev else split.value
         corpus = _corpus(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
-        ds = corpus.part(first)
+        sw.align_data = _activations(align, [src] if src else [], tgt, corpus, families, opts, quiet or not procs.main)
         stages = stack.enter_context(_Stages(quiet or not procs.main))
-        note = stages.note
-        ev = Evaluator(tgt, ds, opts, progress=note, ticker=stages.tick, processes=procs)
-        bad_clips = list(ev.bad)
-        result = sweep(ev, src, sw, families, progress=note)
-        rows = [{"split": first, **r} for r in result["table"]]
-        if pick_on_dev:
-            best = best_point(result["points"])
-            if note:
-                note(f"best on dev: {_point_name(best)}; evaluating it on test")
-            test_ds = corpus.part("test")
-            test_ev = Evaluator(tgt, test_ds, opts, progress=note, am=ev.am, ticker=stages.tick,  # model loaded
-                                processes=procs)
-            if best["lam"] > 0:  # the chosen point only
-                one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None, baseline="target",
-                              noises=[best["noise"]] if best.get("noise") else [],
-                              with_source=best["column"] == (src.name if src else None))
-            else:  # λ = 0 won: the target alone, in the dev table's columns (one schema for spreadsheets)
-                one = replace(sw, lams=[0.0], blocks=None, baseline="target")
-            test = sweep(test_ev, src, one, families, progress=note)
-            bad_clips += test_ev.bad
-            result = {"dev": result, "best_on_dev": best, "test": test}
-            rows += [{"split": "test", **r} for r in test["table"]]
+        if pick_on_dev:  # the selection is search's (one procedure): sweep on dev, the best point once on test
+            ds = corpus.part("dev")
+            result, ev, bad_clips = pick(tgt, src, ds, corpus.part("test"), opts, sw, families, progress=stages.note,
+                                         ticker=stages.tick, processes=procs)
+            rows = [{"split": part, **r} for part in ("dev", "test") for r in result[part]["table"]]
+        else:
+            ds = corpus.part(first)
+            ev = Evaluator(tgt, ds, opts, progress=stages.note, ticker=stages.tick, processes=procs)
+            bad_clips = list(ev.bad)
+            result = sweep(ev, src, sw, families, progress=stages.note)
+            rows = [{"split": first, **r} for r in result["table"]]
         report = evaluate_report(tgt, ds, ev, result, started, src)
     if "process" in report:  # under a launcher, only the main process reports
         return
@@ -648,6 +652,135 @@ def evaluate_cmd(
         sweep_plot(sweep_result, metric, first, plot)
 
 
+@app.command("search", epilog="Example: mam search whisper-tiny.en --source all-MiniLM-L6-v2 --data "
+             "ljspeech:LJSpeech-1.1 --lam 0.05,0.1,0.2 --layers all --layers 0 --layer-map stride -o search.json")
+def search_cmd(
+    target: Annotated[str, typer.Argument(help="Speech or audio model to improve (CTC, Whisper or an audio-event "
+                                          "classifier).")],
+    data: DataOpt,
+    source: Annotated[list[str], typer.Option("--source", help="Source model; give it several times and the "
+                                              "sources race in one search (text and image alike).")],
+    lam: Annotated[str, typer.Option("--lam", help="Comma list of λ in (0, 1]; λ = 0 always races.")]
+    = "0.05,0.1,0.2,0.3",
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="One layer set per use: all | 12-19 | 0,3 | "
+                                                     "top:K:ranking.json[:metric] (default: all).")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", min=1, help="Race consecutive blocks of N layers.")]
+    = None,
+    noise: Annotated[str | None, typer.Option("--noise", help="Noise columns that race too: source,target,normal "
+                                              "(the test's control is noise:source either way).")] = None,
+    parts: PartsOpt = "q,k,v",
+    bias: BiasOpt = False,
+    layer_map: LayerMapOpt = None,
+    align: AlignOpt = "none",
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the split, the clip order, the noise and the "
+                                      "bootstrap.")] = 0,
+    dev_fraction: DevFracOpt = 0.3,
+    budget_clips: Annotated[int | None, typer.Option("--budget-clips", min=1, help="Dev clip evaluations the race "
+                                                     "may spend (default: 0.3× the full grid's, every candidate on "
+                                                     "every dev clip; the first round always runs).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", callback=_finite, help="Error rate of the race's drops "
+                                         "together, and of the test comparison.")] = 0.05,
+    folds: FoldsOpt = None,
+    limit: LimitOpt = None,
+    strict: StrictOpt = False,
+    text_field: TextFieldOpt = TextField.normalized,
+    subset: SubsetOpt = None,
+    text_column: TextColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    normalizer: NormalizerOpt = Normalizer.auto,
+    beams: Annotated[int, typer.Option("--beams", min=1, help="Whisper: 1 is greedy decoding.")] = 1,
+    language: LanguageOpt = None,
+    label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")] = None,
+    fast: FastOpt = False,
+    batch_size: BatchOpt = None,
+    cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, callback=_finite,
+                                            help="Memory for replaying unmerged layers.")] = 4.0,
+    write: Annotated[Path | None, typer.Option("--write", help="On `helps`, write the picked merge here, as mam "
+                                               "merge would; otherwise nothing is written.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier mam output in --write.")] = False,
+    fmt: FormatOpt = Format.table,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the full JSON report here.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw each candidate's running error and bound "
+                                              "against dev clips seen (PNG).")] = None,
+    arch_map: ArchMapOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.float32,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Race merges on dev, confirm the pick once on test: helps, inconclusive or none (each exits 0).
+
+    stdout: the verdict in one sentence, then each candidate's clips seen, running error, bound and the round it
+    left (docs/search.md); CSV/TSV the same rows, JSON the whole report.
+    """
+    from mamcli.checkpoint import resolve
+    from mamcli.distributed import launched
+    from mamcli.evaluate import EvalOptions
+    from mamcli.families import check_roles
+    from mamcli.search import SearchOptions, search
+
+    procs = launched()
+    _logging(verbose and procs.main, quiet or not procs.main)
+    opts = EvalOptions(normalizer=normalizer.value, batch_size=batch_size, strict=strict, label_map=label_map,
+                       device=device, cache_gb=cache_gb, beams=beams, language=language, dtype=dtype.value,
+                       fast=fast)
+    so = SearchOptions(lams=_floats(lam, "--lam"), layers=layers or ["all"], blocks=blocks,
+                       noises=[n.strip() for n in noise.split(",")] if noise else [], parts=_parts(parts), bias=bias,
+                       layer_map=layer_map, seed=seed, alpha=alpha, budget_clips=budget_clips, align=align)
+    replace(so, align=_without_data(so.align)).validate()  # the pooled states come later, from dev
+    if blocks is not None and layers:
+        raise MamError("--layers and --blocks do not mix")
+    families = _families(arch_map)
+    _check_report_paths(out, plot)  # every output is known writable before minutes of work
+    if write is not None:
+        from mamcli.writer import check_output_dir
+
+        check_output_dir(write, force)
+    corpus = _corpus(data, text_field, subset, text_column, label_column, dev_fraction, folds, limit, seed)
+    with ExitStack() as stack:
+        tgt = stack.enter_context(resolve(target))
+        srcs = [stack.enter_context(resolve(s)) for s in source]
+        for s in srcs:  # wrong roles are known before any clip is read
+            check_roles(s.arch(families), tgt.arch(families), s.spec, tgt.spec)
+        so.align_data = _activations(align, srcs, tgt, corpus, families, opts, quiet or not procs.main)
+        with _Stages(quiet or not procs.main) as stages:  # closed before stdout: a live bar would take it
+            report = search(tgt, srcs, corpus.part("dev"), corpus.part("test"), opts, so, families,
+                            progress=stages.note, ticker=stages.tick, processes=procs)
+        if not procs.main:  # under a launcher, only the main process reports and writes
+            return
+        _search_outputs(report, tgt, srcs, so, families, fmt, out, plot, write, force, quiet)
+
+
+def _search_outputs(report: dict[str, Any], tgt: Any, srcs: list[Any], so: Any, families: tuple[Family, ...],
+                    fmt: Any, out: Path | None, plot: Path | None, write: Path | None, force: bool,
+                    quiet: bool) -> None:
+    """stdout (the verdict first), then the merge on `helps`, the JSON report and the figure."""
+    from mamcli.report import dumps, write_json
+    from mamcli.search import race_intervals, race_rows, race_series, write_pick
+
+    written = None
+    if write is not None:
+        written = write_pick(report, tgt, srcs, write, families, force, _command_line(), align_data=so.align_data)
+        report["written"] = str(write) if written is not None else None
+    if fmt == Format.json:
+        _out(dumps(report))
+    elif fmt == Format.table:
+        _out(report["summary"] + "\n" + render(race_for_people(race_rows(report)), fmt, width=120,
+                                                title="the race on dev"))
+    else:
+        _out(render(race_rows(report), fmt))
+    if write is not None and not quiet:
+        _note(f"wrote {write}" if written is not None else
+              f"verdict {report['verdict']}: no merge written to {write}")
+    if out is not None:
+        write_json(out, report)
+    if plot is not None:
+        from mamcli.plots import line_plot
+
+        line_plot(race_series(report), "dev clips seen", "running error", "mam search: the race on dev", plot,
+                  intervals=race_intervals(report))
+
+
 def _evaluate_title(metric: str, split: str, pick_on_dev: bool, baseline: str, sweep: bool) -> str:
     name = metric_name(metric)
     where = "on dev (the sweep) and test (the best point on dev)" if pick_on_dev else \
@@ -659,11 +792,24 @@ def _evaluate_title(metric: str, split: str, pick_on_dev: bool, baseline: str, s
             "in percentage points, 95 % interval")
 
 
-def _point_name(p: dict[str, Any]) -> str:
-    """A sweep point in words: the unmerged target, or λ on which layers from which source."""
-    if p["lam"] == 0:
-        return "λ = 0 (the unmerged target)"
-    return f"λ = {p['lam']} on layers {p['layers'] or 'all'}, from {p['column']}"
+def _activations(align: str | Path, sources: list[Any], target: Any, corpus: Corpus, families: tuple[Family, ...],
+                 opts: Any, quiet: bool) -> Any:
+    """``--align activations`` of evaluate and search: the source's and target's pooled states on the dev clips
+    (never test: what the merge is solved on must not be what confirms it); None for the other modes."""
+    if align != "activations":
+        return None
+    if len(sources) != 1:
+        raise MamError("--align activations pools one source's states: give exactly one --source (or --align "
+                       "weights, which takes several)")
+    from mamcli.align import collect_activations
+
+    dev = corpus.part("dev")
+    if not quiet:
+        _note(f"--align activations: pooling {len(dev.items)} dev clips and their transcripts")
+    stats = collect_activations(sources[0], target, dev, families, device=opts.device, batch_size=opts.batch_size,
+                                dtype=opts.dtype, strict=opts.strict)
+    stats.data = {**stats.data, "split": "dev"}  # the report says which clips the permutations saw
+    return stats
 
 
 def _check_report_paths(*paths: Path | None) -> None:

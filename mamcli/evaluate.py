@@ -14,7 +14,7 @@ everywhere). Only the main process reports.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 
+from mamcli.align import ActivationStats, Alignment
 from mamcli.checkpoint import Checkpoint
 from mamcli.data import Dataset, Item
 from mamcli.distributed import ALONE, Processes, read_batches
 from mamcli.errors import MamError
 from mamcli.families import FAMILIES, Family
 from mamcli.layers import layers_spec, parse_layers
-from mamcli.merge import NOISE_KINDS, MergeOptions, TensorStore
+from mamcli.merge import NOISE_KINDS, MergeOptions, MergePlan, TensorStore, solve_alignment
 from mamcli.metrics import normaliser
 from mamcli.models import (
     AudioModel,
@@ -57,10 +58,11 @@ class EvalOptions:
     beams: int = 1  # sequence-to-sequence: 1 is greedy decoding, more is beam search
     language: str | None = None  # multilingual Whisper: the language to transcribe (default: detected)
     dtype: str | None = None  # compute dtype (--dtype); None: float32 on CPU, the stored dtype on a GPU
+    fast: bool = False  # Whisper on CPU: int8 Linear layers, greedy only; NOT exact (mamcli.whisper_engine)
 
     def task_options(self) -> TaskOptions:
         return TaskOptions(beams=self.beams, language=self.language, normalizer=self.normalizer,
-                           label_map=self.label_map)
+                           label_map=self.label_map, fast=self.fast)
 
 
 @dataclass
@@ -76,6 +78,8 @@ class SweepOptions:
     layer_map: str | None = None
     baseline: str = "target"  # the details key paired statistics compare with (λ = 0)
     resamples: int = RESAMPLES  # paired bootstrap resamples (WER; classification error is tested exactly)
+    align: str | Path = "none"  # none | weights | activations (align_data) | a mam_align.json: MergeOptions.align
+    align_data: ActivationStats | None = None  # --align activations: pooled from dev clips, never test
 
     def layer_sets(self, num_layers: int) -> list[tuple[str, list[int]]]:
         """(label, layers) per block: ``--blocks N`` cuts the depth into consecutive blocks of N."""
@@ -107,7 +111,9 @@ class Evaluator:
         self.ds = ds
         if opts.cache_gb < 0:
             raise MamError(f"--cache-gb must be 0 or more; got {opts.cache_gb}")
-        self.task: Task = make(opts.task, target.config, opts.task_options(), target.spec)
+        # a loaded model's own task (finetune's dev evaluation builds it once), else one for these options
+        self.task: Task = am.task if am is not None and getattr(am, "task", None) is not None else \
+            make(opts.task, target.config, opts.task_options(), target.spec)
         device = processes.device(opts.device)
         self.am: AudioModel = am or load_audio_model(target, self.task, device,
                                                      dtype=compute_dtype(opts.dtype, device))
@@ -228,10 +234,12 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
     donor: TensorStore = source if source is not None else ev.store  # target/normal noise only need shapes
     merger = InMemoryMerger(ev.store, families)
     plans = []
+    solved: dict[Hashable, Alignment] = {}
     for label, _, lam, _, noise in points:  # plan everything first: bad input fails before any work
         o = MergeOptions(lam=lam, layers=label, parts=opts.parts, bias=opts.bias, noise=noise, seed=opts.seed,
-                         layer_map=opts.layer_map)
+                         layer_map=opts.layer_map, align=opts.align, align_data=opts.align_data)
         plans.append(merger.plan(donor, o))
+        share_alignment(plans[-1], (label, noise), donor, ev.store, solved)
     first = min((min(p.lams) for p in plans if p.lams), default=0)
     ev.cache = PrefixCache(ev.am.model, arch, first, int(ev.opts.cache_gb * 2**30)) if plans else None
     if progress:
@@ -249,7 +257,8 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
         key = f"{label}|{lam}|{col}"
         details[key] = scores
         results.append({"layers": label, "lam": lam, "column": col, "noise": noise,
-                        "seconds": round(ev.seconds - before, 3), **_summary(scores)})
+                        "seconds": round(ev.seconds - before, 3), **_summary(scores),
+                        **({"alignment": plan.alignment.summary()} if plan.alignment is not None else {})})
     norm = normaliser(getattr(ev.task, "normalizer", "basic"), getattr(ev.task, "spelling", None))
     cache = None
     if ev.cache is not None:  # each process replays its own batches: the report counts them all
@@ -266,7 +275,31 @@ def sweep(ev: Evaluator, source: Checkpoint | None, opts: SweepOptions,
             "table": paper_table(results, [c for c, _ in columns]) if columns else
             [{"layers": "-", "lam": 0.0, **_summary(base)}], "first_merged_layer": first,
             "timing": {"baseline_s": round(base_t, 3), "total_s": round(ev.seconds, 3)},
-            "replay_cache": cache}
+            "replay_cache": cache, **alignment_report(opts.align, opts.align_data, len(solved))}
+
+
+def share_alignment(plan: MergePlan, group: Hashable, donor: TensorStore, target: TensorStore,
+                    solved: dict[Hashable, Alignment]) -> None:
+    """Solve ``plan``'s alignment now, or reuse the one solved for its ``group`` (the same donor, noise and layer
+    set, differing only in λ): the permutations match the donor to the target whatever λ is, so a sweep solves
+    once per layer set and donor. Solving here, while planning, also refuses what cannot be aligned before any
+    clip is scored."""
+    if plan.options.align == "none":
+        return
+    if group not in solved:
+        found = solve_alignment(plan, donor, target)
+        assert found is not None
+        solved[group] = found
+    plan.alignment = solved[group]
+
+
+def alignment_report(align: str | Path, data: ActivationStats | None, solved: int) -> dict[str, Any]:
+    """The report's ``alignment`` entry: the mode, how many alignments were solved (one per layer set and donor;
+    each point's own summary says how well it matched) and, for activations, the clips they were pooled from."""
+    if align == "none":
+        return {}
+    return {"alignment": {"mode": str(align), "solved": solved,
+                          **({"data": data.data} if data is not None else {})}}
 
 
 def paper_table(points: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:

@@ -11,15 +11,20 @@ at after every round: a plain test per round would inflate the error rate with e
 bootstrap per round). The ancestor is the Hoeffding race of Maron & Moore (1997). A candidate that breaks
 the model (more clips at the decoder's token bound than λ = 0, or an error above 50 % where λ = 0 is below)
 leaves after the first round: it costs the most per clip. The race ends with one survivor, when the clip
-budget is spent (default a third of the full grid's dev clip evaluations), or when dev is spent.
+budget is spent (default 0.3× the full grid's dev clip evaluations), or when dev is spent.
 
 The confirmation (test split, never seen by the race): the pick against λ = 0 and against noise with the
 source's statistics at the same λ and layers, once each (:func:`mamcli.stats.compare`: exact for
 classification error, paired bootstrap for WER). ``helps`` only if the pick's interval against λ = 0 lies
 below 0; ``inconclusive`` if test does not confirm what dev picked; ``none`` if λ = 0 won on dev.
 
+With ``align`` every merged candidate is aligned before interpolating (the noise ones and the test's control by
+the same procedure, :mod:`mamcli.align`), one alignment per donor and layer set shared by its λ; ``activations``
+are pooled from dev clips only, so nothing the test split holds shapes the merge it confirms.
+
 Per-clip predictions of every candidate are kept on disk (:func:`mamcli.checkpoint.cache_dir` ``/search``),
-keyed by everything that makes them (models, λ, layers, parts, noise, data, decoding): a rerun with more
+keyed by everything that makes them (models, λ, layers, parts, noise, alignment, data, decoding and its
+engine, the meaning of clip ids; each clip's file is checked too): a rerun with more
 candidates or budget, or after an interruption, runs only what it has not seen.
 """
 
@@ -37,10 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from mamcli.align import ALIGN_MODES, ActivationStats, Alignment
 from mamcli.checkpoint import Checkpoint, cache_dir, sha256_file
 from mamcli.data import Dataset
 from mamcli.errors import MamError
-from mamcli.evaluate import EvalOptions, Evaluator, SweepOptions, sweep
+from mamcli.evaluate import EvalOptions, Evaluator, SweepOptions, alignment_report, share_alignment, sweep
 from mamcli.families import FAMILIES, Family
 from mamcli.merge import NOISE_KINDS, MergeOptions
 from mamcli.metrics import normaliser
@@ -50,6 +56,8 @@ from mamcli.stats import RESAMPLES, compare, detail_counts, method
 
 Progress = Callable[[str], None] | None
 KEYS = ("error", "baseline_error", "delta", "delta_lo", "delta_hi", "better", "worse", "clips")
+BUDGET_SHARE = 0.3  # the default budget: this share of the full grid's dev clip evaluations
+CLIP_IDS = 2  # the meaning of clip ids in the cache (issue 23 renamed colliding manifest clips)
 RACE_METHOD = ("asymptotic confidence sequence (Waudby-Smith, Arnold, Wu, Wang & Ramdas 2024), two-sided, valid at "
                "every round at once; Bonferroni over the candidate pairs")
 
@@ -68,10 +76,12 @@ class SearchOptions:
     layer_map: str | None = None
     seed: int = 0  # the order of the clips, the noise and the bootstrap
     alpha: float = 0.05  # the error rate of all the race's drops together, and of the test comparison
-    budget_clips: int | None = None  # dev clip evaluations; None: a third of the full grid's
+    budget_clips: int | None = None  # dev clip evaluations; None: BUDGET_SHARE of the full grid's
     round_clips: int = 16  # clips per round (whole batches: at least this many)
     resamples: int = RESAMPLES
     use_cache: bool = True
+    align: str | Path = "none"  # none | weights | activations (a stored mam_align.json is refused: a search solves)
+    align_data: ActivationStats | None = field(default=None, repr=False)  # activations: pooled from dev only
 
     def validate(self) -> None:
         if not 0 < self.alpha < 1:
@@ -87,6 +97,26 @@ class SearchOptions:
             raise MamError(f"--budget-clips must be at least 1; got {self.budget_clips}")
         if self.round_clips < 1:
             raise MamError(f"clips per round must be at least 1; got {self.round_clips}")
+        if self.align not in ALIGN_MODES:
+            raise MamError(f"a search solves its own alignments: --align takes {', '.join(ALIGN_MODES)}; got "
+                           f"{str(self.align)!r}")
+        if self.align == "activations" and self.align_data is None:
+            raise MamError("--align activations needs paired data (speech clips with transcripts) from dev")
+
+    def align_key(self) -> dict[str, Any] | None:
+        """What the alignment of a merged candidate depends on, for the clip cache: the mode and, for
+        activations, the pooled states it was solved from (their digest: other clips, another alignment)."""
+        if self.align == "none":
+            return None
+        if self.align_data is None:
+            return {"mode": str(self.align)}
+        digest = hashlib.sha256(self.align_data.target.tobytes() + self.align_data.source.tobytes())
+        return {"mode": str(self.align), "data": self.align_data.data, "states": digest.hexdigest()[:24]}
+
+    def report(self) -> dict[str, Any]:
+        """The options as the report states them (the pooled states are summarised in ``alignment``)."""
+        return {**{k: v for k, v in asdict(self).items() if k != "align_data"}, "parts": list(self.parts),
+                "align": str(self.align)}
 
     def layer_sets(self, num_layers: int) -> list[tuple[str, list[int]]]:
         """(label, layers) of every layer set, in the order given, without repeats."""
@@ -128,7 +158,10 @@ def _fingerprint(ckpt: Checkpoint) -> str:
 
 
 class ClipCache:
-    """Per-clip predictions of one candidate on one corpus, on disk: clip id → [prediction, at the bound]."""
+    """Per-clip predictions of one candidate on one corpus, on disk: clip id → [prediction, at the bound, the
+    clip's place (``Item.place``: its absolute file, or table and row)]. An entry counts only where the place
+    matches: an id may name another clip than it did when the entry was kept (issue 23 renamed the clips of
+    colliding manifests; a manifest may be rewritten)."""
 
     def __init__(self, key: dict[str, Any], enabled: bool, main: bool) -> None:
         text = json.dumps(key, sort_keys=True, default=str)
@@ -164,11 +197,13 @@ class _Setup:
     opts: SearchOptions
     base_key: dict[str, Any]
     caches: dict[tuple[str, str], ClipCache] = field(default_factory=dict)
+    alignments: dict[Any, Alignment] = field(default_factory=dict)  # one per (donor, noise, layer set)
 
     def cache(self, cand: Candidate, ds: Dataset, main: bool) -> ClipCache:
         if (cand.key, ds.spec) not in self.caches:
             src = self.sources[cand.source].spec if cand.source is not None else None
-            point = {**cand.point(), **({"seed": self.opts.seed} if cand.noise else {})}  # the noise's draw
+            point = {**cand.point(), **({"seed": self.opts.seed} if cand.noise else {}),  # the noise's draw
+                     **({"align": self.opts.align_key()} if cand.lam > 0 and self.opts.align != "none" else {})}
             key = {**self.base_key, "data": ds.spec, "text_field": ds.text_field, "point": point,
                    "source": None if src is None or cand.noise in ("target", "normal") else self.base_key[
                        f"source:{src}"]}
@@ -198,7 +233,8 @@ def _run(ev: Evaluator, setup: _Setup, cand: Candidate, which: list[int] | None)
     cache = setup.cache(cand, ev.ds, ev.processes.main)
     ids = [i.id for k in (range(len(ev.batches)) if which is None else which) for i in ev.batches[k]]
     everyone = [x for part in ev.processes.all_gather(ids) for x in part]
-    if all(i in cache.clips for i in everyone):
+    where = {i.id: list(i.place) for i in ev.items}  # the file itself, absolute, whatever the cwd
+    if all(cache.clips.get(i, [])[2:] == [where[i]] for i in everyone):
         cache.reused.update(i for i in everyone if i in cache.loaded)
         return {i: cache.clips[i][0] for i in everyone}, {i for i in everyone if cache.clips[i][1]}
     if cand.lam > 0:
@@ -208,7 +244,7 @@ def _run(ev: Evaluator, setup: _Setup, cand: Candidate, which: list[int] | None)
     else:
         preds = ev.predict(which)
     hit = set(ev.at_bound)
-    cache.clips.update({i: [p, i in hit] for i, p in preds.items()})
+    cache.clips.update({i: [p, i in hit, where[i]] for i, p in preds.items()})
     cache.save()
     return preds, hit
 
@@ -300,7 +336,7 @@ def race(ev: Evaluator, setup: _Setup, cands: list[Candidate], progress: Progres
     rounds = _rounds(ev, opts.round_clips, opts.seed)
     n_dev = len(ev.items)
     full = len(cands) * n_dev
-    budget = opts.budget_clips if opts.budget_clips is not None else max(1, full // 3)
+    budget = opts.budget_clips if opts.budget_clips is not None else max(1, math.floor(full * BUDGET_SHARE))
     pairs = max(1, len(cands) * (len(cands) - 1) // 2)
     alpha_pair = opts.alpha / pairs
     t_star = max(opts.round_clips, n_dev // 2)
@@ -373,9 +409,14 @@ def confirm(test_ev: Evaluator, setup: _Setup, pick: Candidate) -> dict[str, Any
 
 
 def _plan(setup: _Setup, c: Candidate) -> Any:
-    o = MergeOptions(lam=c.lam, layers=c.layers, parts=setup.opts.parts, bias=setup.opts.bias, noise=c.noise,
-                     seed=setup.opts.seed, layer_map=setup.opts.layer_map)
-    return setup.merger.plan(setup.sources[c.source or 0], o)
+    """The candidate's merge plan, aligned as asked (one alignment shared by the λ of a donor and layer set)."""
+    so = setup.opts
+    o = MergeOptions(lam=c.lam, layers=c.layers, parts=so.parts, bias=so.bias, noise=c.noise, seed=so.seed,
+                     layer_map=so.layer_map, align=so.align, align_data=so.align_data)
+    donor = setup.sources[c.source or 0]
+    plan = setup.merger.plan(donor, o)
+    share_alignment(plan, (c.source, c.noise, c.layers), donor, setup.merger.store, setup.alignments)
+    return plan
 
 
 def _setup(ev: Evaluator, target: Checkpoint, sources: list[Checkpoint], eval_opts: EvalOptions,
@@ -387,7 +428,7 @@ def _setup(ev: Evaluator, target: Checkpoint, sources: list[Checkpoint], eval_op
                                                              "task": eval_opts.task, "dtype": eval_opts.dtype,
                                                              "batch_size": ev.batch_size,
                                                              "device": str(ev.am.model.device.type)},
-                "parts": list(opts.parts), "bias": opts.bias, "layer_map": opts.layer_map,
+                "parts": list(opts.parts), "bias": opts.bias, "layer_map": opts.layer_map, "clip_ids": CLIP_IDS,
                 **{f"source:{s.spec}": _fingerprint(s) for s in sources}}
     setup = _Setup(target, sources, merger, {}, eval_opts, opts, base_key)
     for c in cands[1:]:  # plan everything first: bad input fails before any work
@@ -443,7 +484,10 @@ def search(target: Checkpoint, sources: list[Checkpoint], dev: Dataset, test: Da
     out["race"]["survivors"] = [c.key for c in cands if c.alive]
     out["race"]["seed"] = opts.seed
     out["rounds"] = [_candidate_row(c) for c in cands]
-    out["options"] = {**asdict(opts), "parts": list(opts.parts)}
+    out["options"] = opts.report()
+    out.update(alignment_report(opts.align, opts.align_data, len(setup.alignments)))
+    if "alignment" in out and pick.lam > 0:
+        out["alignment"]["picked"] = setup.plans[pick.key].alignment.summary()
     out["statistics"] = {"test": method(ev.task.kind == "classify", opts.resamples), "confidence": 1 - opts.alpha,
                          "comparisons_on_test": 0 if out["test"] is None else 3, "seed": opts.seed}
     out["summary"] = summary(out)
@@ -496,11 +540,20 @@ def race_series(report: dict[str, Any]) -> dict[str, tuple[list[float], list[flo
     return {r["key"]: ([t["clips"] for t in r["trace"]], [t["error"] for t in r["trace"]]) for r in report["rounds"]}
 
 
+def race_intervals(report: dict[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
+    """Each candidate's bound, drawn around its running error (``--plot``): the bound is on its difference to the
+    best so far, so the band is the error ± the bound's half-width, and a candidate leaves when its band's lower
+    end clears the best's running error."""
+    return {r["key"]: ([t["error"] - (t["hi"] - t["lo"]) / 2 for t in r["trace"]],
+                       [t["error"] + (t["hi"] - t["lo"]) / 2 for t in r["trace"]]) for r in report["rounds"]}
+
+
 def write_pick(report: dict[str, Any], target: Checkpoint, sources: list[Checkpoint], out: Path,
-               families: tuple[Family, ...] = FAMILIES, force: bool = False,
-               command: str | None = None) -> dict[str, Any] | None:
+               families: tuple[Family, ...] = FAMILIES, force: bool = False, command: str | None = None,
+               align_data: ActivationStats | None = None) -> dict[str, Any] | None:
     """On ``helps``: write the picked merge exactly as `mam merge` would, its card naming the test result;
-    otherwise write nothing (None)."""
+    otherwise write nothing (None). ``align_data``: the pooled dev states the search aligned with (activations),
+    so the written merge is solved as the evaluated one was."""
     from mamcli.card import add_evaluation
     from mamcli.merge import merge_to_dir
 
@@ -510,7 +563,8 @@ def write_pick(report: dict[str, Any], target: Checkpoint, sources: list[Checkpo
     source = next(s for s in sources if s.spec == p["source"])
     o = report["options"]
     options = MergeOptions(lam=p["lam"], layers=p["layers"], parts=tuple(o["parts"]), bias=o["bias"],
-                           seed=o["seed"], layer_map=o["layer_map"])
+                           seed=o["seed"], layer_map=o["layer_map"], align=o.get("align", "none"),
+                           align_data=align_data)
     made = merge_to_dir(source, target, options, out, force=force, families=families, command=command)
     t, n = report["test"], report["noise_control"]
     point = {"layers": p["layers"], "lam": p["lam"]}

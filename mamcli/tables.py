@@ -127,3 +127,15 @@ def sweep_for_people(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[s
                                                                    f"{_pct(hi, '+')}]",
                         "better/worse": f"{r[f'{c} better']}/{r[f'{c} worse']}" if f"{c} better" in r else ""})
     return out
+
+
+def race_for_people(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """search's race (``search.race_rows``) on a terminal: the running error in percent and the bound on the
+    difference to the best candidate in percentage points, in one cell; the round and reason a candidate left."""
+    out = []
+    for r in rows:
+        bound = "" if r["bound_lo"] is None else f"[{_pct(r['bound_lo'], '+')}, {_pct(r['bound_hi'], '+')}]"
+        out.append({"candidate": r["candidate"], "clips": r["clips"],
+                    "error %": "" if r["error"] is None else _pct_number(r["error"]),
+                    "bound pp (vs best)": bound, "left in round": r["left_round"] or "", "reason": r["reason"]})
+    return out

@@ -45,7 +45,7 @@ INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 MAM = re.compile(r"^(?:\$\s+)?mam\s+(.*)$|\s-m\s+mamcli\.cli\s+(.*)$")
 ELIDED = ("…", "...")
 NUMBER = re.compile(r"^-\d*\.?\d+(e-?\d+)?$")
-LIMIT = {"rank-layers": "2"}  # clips per data command when a docs example runs: one, or what the command needs
+LIMIT = {"rank-layers": "2", "search": "2"}  # clips per data command when a docs example runs: one, or what it needs
 
 # docs examples that are parsed and option-checked but not run, and why (page, start of the command, reason)
 NOT_RUN: list[tuple[str, str, str]] = [
@@ -315,8 +315,8 @@ def _substitute(args: tuple[str, ...], standin: Callable[[str], Path | None], da
     """The example's arguments with stand-ins for models and data that are not here, and --limit on data commands."""
     params = _parse(args)
     swap: dict[str, str] = {}
-    for key in ("source", "target"):
-        spec = params.get(key)
+    given = [params.get("target"), *(s if isinstance(s := params.get("source"), list) else [s])]  # search: several
+    for spec in given:
         if spec:
             local = standin(spec)
             if local is None:

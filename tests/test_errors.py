@@ -186,6 +186,13 @@ USAGE_CASES = [
     (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--checkpoint-every", "0"], "--checkpoint-every"),
     (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--warmup", "-1"], "--warmup"),
     (["finetune", "t", "--data", LJ_DATA, "-o", "o", "--lam-init", "2"], "--lam-init"),
+    (["evaluate", "t", "--data", LJ_DATA, "--align", "rotate"], "--align"),
+    (["search", "t", "--data", LJ_DATA], "--source"),
+    (["search", "t", "--source", "s", "--data", LJ_DATA, "--alpha", "nan"], "--alpha"),
+    (["search", "t", "--source", "s", "--data", LJ_DATA, "--budget-clips", "0"], "--budget-clips"),
+    (["search", "t", "--source", "s", "--data", LJ_DATA, "--align", "rotate"], "--align"),
+    (["search", "t", "--source", "s", "--data", LJ_DATA, "--dev-fraction", "0"], "--dev-fraction"),
+    (["search", "t", "--source", "s", "--data", LJ_DATA, "--format", "xml"], "--format"),
 ]
 
 
@@ -254,3 +261,38 @@ def test_help_says_what_each_command_takes(mam):
     evaluate = _help(mam, "evaluate")
     assert "Paired bootstrap resamples of the 95 % interval. [default: 10000; x>=1]" in evaluate
     assert "percent on the table, a fraction in CSV, TSV and JSON" in evaluate
+
+
+SEARCH = ["search", "t", "--source", "s", "--data", LJ_DATA]
+# bad input of `mam search` known before any model is read: exit 1, one line, nothing written
+SEARCH_CASES = [
+    (["--alpha", "1.5"], "--alpha must lie strictly between 0 and 1"),
+    (["--lam", "0,0.1"], "λ = 0 always races"),
+    (["--noise", "pink"], "--noise takes source, target, normal"),
+    (["--layers", "0", "--blocks", "1"], "--layers and --blocks do not mix"),
+    (["--write", "taken"], "already exists; pass --force"),
+    (["-o", "a-file/r.json"], "cannot write"),
+    (["--align", "x/mam_align.json"], "a search solves its own alignments"),
+]
+
+
+@pytest.mark.parametrize("args,needle", SEARCH_CASES, ids=[a[0] for a, _ in SEARCH_CASES])
+def test_search_refuses_before_any_work(args, needle, mam, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("")
+    r = mam(*SEARCH, *args)
+    _assert_clean_failure(r, tmp_path / "out", needle)
+    assert r.code == 1 and r.out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken"]
+
+
+def test_search_align_activations_needs_one_text_source(tiny, mam, tmp_path):
+    """Activations pair speech clips with transcripts: an image source, or two sources, is one line."""
+    data = LJ_DATA.replace("../", f"{Path(__file__).parents[2]}/")
+    speech, text, image = tiny("hubert-ctc", layers=2), tiny("bert", layers=2), tiny("vit", layers=2)
+    r = mam("search", speech, "--source", image, "--data", data, "--limit", "2", "--align", "activations", "-q")
+    _assert_clean_failure(r, tmp_path / "out", "use --align weights")
+    r = mam("search", speech, "--source", text, "--source", image, "--data", data, "--limit", "2", "--align",
+            "activations", "-q")
+    _assert_clean_failure(r, tmp_path / "out", "give exactly one --source")

@@ -254,3 +254,49 @@ def test_evaluate_into_a_merge_output_adds_the_table_to_its_card(tiny, mam, tmp_
     assert mam("verify", tmp_path / "m", "--format", "csv").code == 0
     r = mam("evaluate", tmp_path / "m", "--data", LJ, "--limit", "2", "-q", "-o", tmp_path / "elsewhere.json")
     assert r.code == 0 and (tmp_path / "m" / "README.md").read_text() == card  # elsewhere: the card is left alone
+
+
+def test_align_weights_sweep_solves_once_and_equals_the_aligned_merge(tiny, mam, tmp_path):
+    """--align weights on a sweep: one alignment per layer set shared by every λ, stated in the report; a point
+    scores exactly as `mam merge --align weights` of the same λ and layers."""
+    src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
+    r = mam("evaluate", tgt, "--data", LJ, "--limit", "3", "--source", src, "--lam", "0,0.3,0.6", "--layers", "1",
+            "--align", "weights", "-q", "-o", tmp_path / "r.json")
+    assert r.code == 0, r.err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["alignment"] == {"mode": "weights", "solved": 1}
+    merged = [p for p in rep["points"] if p["lam"] > 0]
+    assert len(merged) == 2 and merged[0]["alignment"] == merged[1]["alignment"]
+    assert merged[0]["alignment"]["mode"] == "weights" and merged[0]["alignment"]["layers"] == [1]
+    assert mam("merge", src, tgt, "--lam", "0.3", "--layers", "1", "--align", "weights", "-o", tmp_path / "m",
+               "-q").code == 0
+    r = mam("evaluate", tmp_path / "m", "--data", LJ, "--limit", "3", "-q", "-o", tmp_path / "one.json")
+    assert r.code == 0, r.err
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert rep["details"][f"1|0.3|{src.name}"]["utterances"] == one["details"]["target"]["utterances"]
+
+
+def test_fast_is_whisper_only_and_named_not_exact(tiny, mam, tmp_path):
+    """--fast: int8 Whisper, named as not exact in the report; a CTC model refuses it in one line."""
+    r = mam("evaluate", tiny("whisper", layers=2), "--data", LJ, "--limit", "2", "--fast", "-q",
+            "-o", tmp_path / "r.json")
+    assert r.code == 0, r.err
+    ev = json.loads((tmp_path / "r.json").read_text())["evaluation"]
+    assert (ev["engine"], ev["exact"]) == ("fast", False)
+    r = mam("evaluate", tiny("hubert-ctc", layers=2), "--data", LJ, "--limit", "1", "--fast", "-q")
+    assert r.code == 1 and r.err.count("\n") == 1 and "--fast applies to sequence-to-sequence" in r.err, r.err
+
+
+def test_search_with_fast_keeps_its_own_cache(tiny, mam):
+    """The clip cache keys the engine: a --fast search reuses nothing of an exact one, and then everything of itself."""
+    args = ("search", tiny("whisper", layers=2), "--source", tiny("bert", layers=2), "--data", LJ, "--limit", "2",
+            "--lam", "0.5", "--seed", "7", "--format", "json", "-q")
+    costs = []
+    for extra in ((), ("--fast",), ("--fast",)):
+        r = mam(*args, *extra)
+        assert r.code == 0, r.err
+        rep = json.loads(r.out)
+        costs.append(rep["cost"])
+        assert rep["evaluation"]["exact"] is not bool(extra)
+    assert costs[1]["reused_from_cache"] == 0
+    assert costs[2]["reused_from_cache"] == costs[2]["clip_evaluations"] + costs[2]["test_clip_evaluations"]

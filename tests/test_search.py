@@ -223,3 +223,85 @@ def test_speech_recognition_search_reports_the_contract(tiny):
     if rep["test"] is not None:
         assert "bootstrap" in rep["test"]["method"]
     assert rep["summary"] == S.summary(rep) and S.race_rows(rep)[0]["candidate"] == "target"
+
+
+# ---- through the command line --------------------------------------------------------------------------------
+
+
+def _cli(control, source: int, *extra):
+    """`mam search` on the control's manifest, split as the library tests split it (dev 0.5, seed 0)."""
+    return ("search", control[0], "--source", control[source], "--data", control[0].parent / "clips.jsonl",
+            "--dev-fraction", "0.5", "--lam", "0.5", "--layers", "all", "--batch-size", "8", *extra)
+
+
+def test_cli_positive_control_helps_writes_a_verified_merge_and_reuses_its_cache(control, mam, tmp_path):
+    r = mam(*_cli(control, 1, "--write", tmp_path / "out", "-o", tmp_path / "r.json", "--plot", tmp_path / "r.png"))
+    assert r.code == 0, r.err
+    assert r.out.startswith("The merge at layers all, λ = 0.5, vit-fix helps: Δ ")  # the verdict first
+    assert "the race on dev" in r.out and f"wrote {tmp_path / 'out'}" in r.err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["verdict"] == "helps" and rep["picked"] == {"layers": "all", "lam": 0.5, "column": "vit-fix",
+                                                           "noise": None, "source": str(control[1])}
+    assert set(S.KEYS) <= set(rep["test"]) and set(S.KEYS) <= set(rep["noise_control"])
+    assert rep["test"]["error"] == 0.0 and rep["test"]["clips"] == len(control[4].items)
+    assert {"clip_evaluations", "full_grid_clip_evaluations", "test_clip_evaluations", "seconds"} <= set(rep["cost"])
+    assert rep["written"] == str(tmp_path / "out") and (tmp_path / "r.png").stat().st_size > 1000
+    assert mam("verify", tmp_path / "out", "--format", "csv").code == 0
+    assert "Best on dev: layers all, λ = 0.5" in (tmp_path / "out/README.md").read_text()
+    again = mam(*_cli(control, 1, "--format", "json", "-q"))
+    assert again.code == 0, again.err
+    cost = json.loads(again.out)["cost"]
+    assert cost["reused_from_cache"] == cost["clip_evaluations"] + cost["test_clip_evaluations"] > 0
+
+
+def test_cli_noise_source_writes_nothing_and_says_so(control, mam, tmp_path):
+    r = mam(*_cli(control, 2, "--write", tmp_path / "out", "--format", "csv"))
+    assert r.code == 0, r.err
+    assert r.out.startswith("candidate,clips,error,bound_lo,bound_hi,left_round,reason\ntarget,")
+    assert any(f"verdict {v}: no merge written to {tmp_path / 'out'}" in r.err for v in ("none", "inconclusive"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_cache_key_holds_the_alignment(tiny, mam, tmp_path):
+    """--align weights through search: the merged candidates are new to the cache (their predictions depend on
+    the alignment), λ = 0 is not; the report states the alignment, solved once per layer set."""
+    lj = f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1"
+    args = ("search", tiny("hubert-ctc", layers=2), "--source", tiny("bert", layers=2), "--data", lj, "--limit", "4",
+            "--dev-fraction", "0.5", "--lam", "0.5,1", "--layers", "all", "--seed", "3", "--format", "json", "-q")
+    plain = mam(*args)
+    assert plain.code == 0, plain.err
+    r = mam(*args, "--align", "weights")
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    assert rep["alignment"]["mode"] == "weights" and rep["alignment"]["solved"] == 1
+    assert rep["options"]["align"] == "weights"
+    # λ = 0's clips came from the cache, none of the aligned candidates' did
+    assert rep["rounds"][0]["clips"] == 4 <= rep["cost"]["reused_from_cache"] < rep["cost"]["clip_evaluations"]
+    r = mam(*args, "--align", "activations")  # pooled from the dev clips alone, and another cache entry again
+    assert r.code == 0, r.err
+    act = json.loads(r.out)
+    assert act["alignment"]["mode"] == "activations" and act["alignment"]["data"]["pairs"] == 4
+    assert act["alignment"]["data"]["split"] == "dev"
+    assert act["cost"]["reused_from_cache"] == rep["cost"]["reused_from_cache"]
+
+
+def test_cli_shows_the_race_on_a_terminal(tiny, mam, monkeypatch):
+    """On a terminal stderr follows the race round by round (candidates left, clips seen, time left); stdout
+    holds the verdict sentence first, as the JSON report's summary states it."""
+    import io
+
+    from rich.console import Console
+
+    import mamcli.cli
+
+    buf = io.StringIO()
+    monkeypatch.setattr(mamcli.cli, "err", Console(file=buf, force_terminal=True, width=160))
+    lj = f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1"
+    args = ("search", tiny("hubert-ctc", layers=2), "--source", tiny("bert", layers=2), "--data", lj, "--limit", "4",
+            "--dev-fraction", "0.5", "--lam", "0.5", "--seed", "5")
+    r = mam(*args)
+    assert r.code == 0, r.err
+    shown = buf.getvalue()
+    assert "racing 2 candidates (λ = 0 among them) on 4 dev clips" in shown
+    assert "round 1: " in shown and "candidates left, 4 of 4 dev clips seen" in shown and " s left" in shown
+    assert r.out.split("\n", 1)[0] == json.loads(mam(*args, "--format", "json", "-q").out)["summary"]
