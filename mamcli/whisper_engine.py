@@ -22,6 +22,7 @@ measured and rejected: 11 of 24 LJ clips changed, several into loops that ran to
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,7 +105,9 @@ def quantized(model: Any) -> Any:
         m.__dict__.pop("forward", None)
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
-    copy = torch.ao.quantization.quantize_dynamic(copy, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    with warnings.catch_warnings():  # torch.ao's deprecation notice, on every run, is not the user's to act on
+        warnings.simplefilter("ignore", UserWarning)
+        copy = torch.ao.quantization.quantize_dynamic(copy, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     _QUANTIZED[:] = [(weakref.ref(model), key, copy)]  # one model at a time: a sweep's earlier points are done
     return copy
 
