@@ -5,9 +5,10 @@
 #   bash benchmarks/results.sh                 # everything: the speech stream and the audio-event stream at once
 #   bash benchmarks/results.sh STAGE ...       # some stages, in the order given
 #
-# Stages: ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 (text -> speech, LJ Speech), esc10-finetune
-# esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10), search-ljs search-ljs-aligned search-esc10
-# (`mam search` on both pairs, unaligned and --align weights, last in each stream). Every mam call is logged with its wall
+# Stages: ljs-zeroshot ljs-ranking ljs-finetune ljs-lmam-aligned ljs-blocks2 ljs-topk2 (text -> speech, LJ
+# Speech), esc10-finetune esc10-lmam esc10-text esc10-zeroshot esc10-cv (audio events, ESC-10), search-ljs
+# search-ljs-aligned search-esc10 (`mam search` on both pairs, unaligned and --align weights, last in each
+# stream). Every mam call is logged with its wall
 # time in docs/results/runs.jsonl, every invocation's machine, load and package versions in
 # docs/results/machines.jsonl; fine-tuned checkpoints go to build/results/ (git-ignored).
 #
@@ -111,7 +112,7 @@ ljs_topk2() {
 # then evaluated on the 272 test clips like section 1.
 FT_ASR=(--task asr --data "$WORK/ljs-train.csv" --dev-fraction 0.2 --seed 1 --epochs 2 --batch-size 8 -q --force)
 ljs_test() { test_run ljs "$1" --data "$LJ" --split test "${SPLIT[@]}"; }  # on the test split
-ljs_finetune() {
+ljs_train_csv() {  # the training manifest: the clips of the LJ dev split
     "$PY" - "$LJ" "$WORK/ljs-train.csv" "${SPLIT[@]}" <<'EOF2'
 import csv, sys
 from mamcli.data import load_dataset, select
@@ -123,6 +124,9 @@ with open(out, "w", newline="") as f:
     w.writerows([i.id, i.path.resolve(), i.text] for i in ds.items)
 print(f"{out}: the {len(ds.items)} clips of the dev split", file=sys.stderr)
 EOF2
+}
+ljs_finetune() {
+    ljs_train_csv
     step ljs-ft-plain "$MAM" finetune "$T" "${FT_ASR[@]}" -o "$WORK/ljs-plain"
     ljs_test plain
     step ljs-ft-mam "$MAM" finetune "$T" "${FT_ASR[@]}" --source "$S" "${S_MAP[@]}" --lam-init 0.1 -o "$WORK/ljs-mam"
@@ -130,6 +134,13 @@ EOF2
     step ljs-ft-lmam "$MAM" finetune "$T" "${FT_ASR[@]}" --source "$S" "${S_MAP[@]}" --learnable-lam --lam-init 0.1 \
         -o "$WORK/ljs-lmam"
     ljs_test lmam
+}
+# L-MAM after aligning the source to the target (--align weights, issue 27), against the runs above
+ljs_lmam_aligned() {
+    [ -f "$WORK/ljs-train.csv" ] || ljs_train_csv
+    step ljs-ft-lmam-aligned "$MAM" finetune "$T" "${FT_ASR[@]}" --source "$S" "${S_MAP[@]}" --learnable-lam \
+        --lam-init 0.1 --align weights -o "$WORK/ljs-lmam-aligned"
+    ljs_test lmam-aligned
 }
 
 # 3. Audio events: a Whisper-encoder classifier (new head) fine-tuned on ESC-10 folds 1-4 (its dev split picks the
@@ -222,6 +233,7 @@ run_stage() {
         ljs-zeroshot) ljs_zeroshot ;;
         ljs-ranking) ljs_ranking ;;
         ljs-finetune) ljs_finetune ;;
+        ljs-lmam-aligned) ljs_lmam_aligned ;;
         ljs-blocks2) ljs_blocks2 ;;
         ljs-topk2) ljs_topk2 ;;
         esc10-finetune) esc10_finetune ;;
@@ -236,7 +248,7 @@ run_stage() {
     esac
 }
 
-STREAMS=("ljs-zeroshot ljs-ranking ljs-finetune ljs-blocks2 ljs-topk2 search-ljs search-ljs-aligned"
+STREAMS=("ljs-zeroshot ljs-ranking ljs-finetune ljs-lmam-aligned ljs-blocks2 ljs-topk2 search-ljs search-ljs-aligned"
          "esc10-finetune esc10-lmam esc10-text esc10-zeroshot esc10-cv search-esc10")
 if [ $# -eq 0 ]; then
     rm -f "$OUT/runs.jsonl" "$OUT/machines.jsonl"

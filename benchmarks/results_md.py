@@ -563,7 +563,8 @@ def section_topk(order: list[int]) -> str:
 
 
 LJS_RUNS = [("plain", "plain fine-tuning"), ("mam", "MAM (MiniLM, λ = 0.1), then fine-tuning"),
-            ("lmam", "L-MAM (MiniLM, λ learned per layer from 0.1)")]
+            ("lmam", "L-MAM (MiniLM, λ learned per layer from 0.1)"),
+            ("lmam-aligned", "L-MAM after `--align weights` (MiniLM aligned to the target, λ learned from 0.1)")]
 ESC_RUNS = [("plain", "plain fine-tuning"), ("mam-dinov2", "MAM (DINOv2, λ = 0.1), then fine-tuning"),
             ("lmam-dinov2", "L-MAM (DINOv2, λ learned per layer from 0.1)"),
             ("mam-minilm", "MAM (MiniLM, λ = 0.1), then fine-tuning (beyond the paper)"),
