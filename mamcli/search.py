@@ -520,12 +520,15 @@ def summary(report: dict[str, Any]) -> str:
         return f"No merge beat λ = 0 on dev ({report['race']['ended']}{tied}); {spent}."
     p, t = report["picked"], report["test"]
     where = f"layers {p['layers']}, λ = {p['lam']}, {p['column']}"
-    interval = f"Δ {t['delta']:+.2%} [{t['delta_lo']:+.2%}, {t['delta_hi']:+.2%}] on {t['clips']} test clips"
+    interval = (f"Δ {100 * t['delta']:+.2f} pp [{100 * t['delta_lo']:+.2f}, {100 * t['delta_hi']:+.2f}] "
+                f"on {t['clips']} test clips")
     noise = "it beat" if report["source_vs_noise"]["source_beat_noise"] else "it did not beat"
     if report["verdict"] == "helps":
         return f"The merge at {where} helps: {interval}; {noise} noise of the same statistics; {spent}{tied}."
-    return (f"Dev picked {where}, but test does not confirm it: {interval}; {noise} noise of the same statistics; "
-            f"{spent}{tied}.")
+    gain = -100 * t["delta_lo"]
+    allows = f" (no detectable gain: the interval allows up to {gain:.2f} pp)" if gain > 0 else ""
+    return (f"Dev picked {where}, but test does not confirm it: {interval}{allows}; {noise} noise of the same "
+            f"statistics; {spent}{tied}.")
 
 
 def race_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -305,3 +305,15 @@ def test_cli_shows_the_race_on_a_terminal(tiny, mam, monkeypatch):
     assert "racing 2 candidates (λ = 0 among them) on 4 dev clips" in shown
     assert "round 1: " in shown and "candidates left, 4 of 4 dev clips seen" in shown and " s left" in shown
     assert r.out.split("\n", 1)[0] == json.loads(mam(*args, "--format", "json", "-q").out)["summary"]
+
+
+def test_the_verdict_sentence_gives_differences_in_points_and_the_gain_an_interval_still_allows():
+    """An unconfirmed pick is 'no detectable gain' with the gain its test interval still allows, in pp."""
+    diff = {"delta": -0.0013, "delta_lo": -0.0045, "delta_hi": 0.0017, "clips": 272}
+    rep = {"verdict": "inconclusive", "picked": {"layers": "2", "lam": 0.05, "column": "minilm"}, "test": diff,
+           "source_vs_noise": {"source_beat_noise": False}, "race": {"survivors": ["target", "2|0.05|minilm"]},
+           "cost": {"clip_evaluations": 592, "share_of_full_grid": 0.2495, "full_grid_clip_evaluations": 2373}}
+    assert S.summary(rep) == (
+        "Dev picked layers 2, λ = 0.05, minilm, but test does not confirm it: Δ -0.13 pp [-0.45, +0.17] on 272 "
+        "test clips (no detectable gain: the interval allows up to 0.45 pp); it did not beat noise of the same "
+        "statistics; dev cost 592 clip evaluations, 25% of the full grid's 2373; 2 survivors left unseparated.")
