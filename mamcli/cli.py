@@ -103,6 +103,9 @@ NormalizerOpt = Annotated[Normalizer, typer.Option("--normalizer", help="Text no
                                                    "hypotheses: auto = whisper (Whisper's English normaliser) for "
                                                    "sequence-to-sequence models, basic (lower case, no punctuation) "
                                                    "for CTC.")]
+BeamsOpt = Annotated[int, typer.Option("--beams", min=1, help="Whisper: 1 is greedy decoding (the default), more "
+                                      "is beam search (transformers' ASR pipeline uses 5).")]
+LabelMapOpt = Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
 LanguageOpt = Annotated[str | None, typer.Option("--language", help="Multilingual Whisper: the language spoken "
                                                  "(e.g. en); refused for English-only checkpoints.")]
 
@@ -117,6 +120,11 @@ def _finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"must be a finite number, not {value}")
     return value
+
+
+CacheGbOpt = Annotated[float, typer.Option("--cache-gb", min=0.0, callback=_finite,
+                                           help="Memory for replaying unmerged layers in a sweep or race "
+                                           "(about 2 GB per hour of audio); batches beyond it run in full.")]
 
 
 def _size(value: str | None) -> str | None:
@@ -561,19 +569,15 @@ def evaluate_cmd(
     text_column: TextColumnOpt = None,
     label_column: LabelColumnOpt = None,
     normalizer: NormalizerOpt = Normalizer.auto,
-    beams: Annotated[int, typer.Option("--beams", min=1, help="Whisper: 1 is greedy decoding (the default), more "
-                                       "is beam search (transformers' ASR pipeline uses 5).")] = 1,
+    beams: BeamsOpt = 1,
     language: LanguageOpt = None,
-    label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")]
-    = None,
+    label_map: LabelMapOpt = None,
     batch_size: BatchOpt = None,
     baseline: Annotated[str, typer.Option("--baseline", help="The row the paired statistics compare with: "
                                           "target (λ = 0) or LAYERS|λ|COLUMN of a sweep point.")] = "target",
     resamples: Annotated[int, typer.Option("--resamples", min=1, help="Paired bootstrap resamples of the 95 % "
                                            "interval.")] = 10000,
-    cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, callback=_finite,
-                                            help="Memory for replaying unmerged layers in a sweep "
-                                            "(about 2 GB per hour of audio); batches beyond it run in full.")] = 4.0,
+    cache_gb: CacheGbOpt = 4.0,
     align: AlignOpt = "none",
     fast: FastOpt = False,
     fmt: FormatOpt = Format.table,
@@ -688,13 +692,12 @@ def search_cmd(
     text_column: TextColumnOpt = None,
     label_column: LabelColumnOpt = None,
     normalizer: NormalizerOpt = Normalizer.auto,
-    beams: Annotated[int, typer.Option("--beams", min=1, help="Whisper: 1 is greedy decoding.")] = 1,
+    beams: BeamsOpt = 1,
     language: LanguageOpt = None,
-    label_map: Annotated[Path | None, typer.Option("--label-map", help="JSON {dataset label: model label}.")] = None,
+    label_map: LabelMapOpt = None,
     fast: FastOpt = False,
     batch_size: BatchOpt = None,
-    cache_gb: Annotated[float, typer.Option("--cache-gb", min=0.0, callback=_finite,
-                                            help="Memory for replaying unmerged layers.")] = 4.0,
+    cache_gb: CacheGbOpt = 4.0,
     write: Annotated[Path | None, typer.Option("--write", help="On `helps`, write the picked merge here, as mam "
                                                "merge would; otherwise nothing is written.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier mam output in --write.")] = False,
