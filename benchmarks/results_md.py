@@ -1171,7 +1171,7 @@ turn alone (80 test clips), which is why their intervals are wide.
 
 NOTES = """## How the runs went
 
-The page was measured in two sessions (see *Machine and date*; every command block says when it started):
+The page was measured in three sessions (see *Machine and date*; every command block says when it started):
 
 * **2026-11-25** (`bash benchmarks/results.sh`, then restarts of single stages): sections 1a-1c (single layers),
   2 (the ranking, k = 1), 4 (plain and MAM with DINOv2) and 5. The blocks of two, the k = 2 rows, the speech
@@ -1186,6 +1186,17 @@ The page was measured in two sessions (see *Machine and date*; every command blo
   rerun; the plain classifier and the unmerged model they are compared with are the earlier runs' reports.
   The machine records of the first two invocations (`results/machines.jsonl`) were written by hand 5 s after
   both had started: the recorder was added to results.sh while they ran.
+* **2026-12-06**, after `mam search` and `--align` landed: `bash benchmarks/results.sh search-ljs-aligned`,
+  `bash benchmarks/results.sh search-esc10 search-ljs` and `bash benchmarks/results.sh ljs-lmam-aligned`, side by
+  side, while the test suite ran in a fresh clone: section 6 and the aligned L-MAM row of section 3. The plain
+  ESC-10 classifier (`build/results/`, not kept between machines) was fine-tuned again first, by hand with the
+  step's exact command (logged as `search-esc10-ft-plain`); it predicts all 80 fold-5 clips as the 2026-11-25
+  classifier did. The aligned L-MAM run used the restructured training loop (`mamcli/finetune/`); the rows it is
+  compared with are the 2026-12-05 runs. The unaligned ESC-10 DINOv2 search reused the per-clip results of a
+  by-hand run of the same search minutes before (its cost line says how many; hence its 8 s). A defect of the
+  renderer's own tests (they wrote through links into docs/results/; fixed) overwrote the two LJ search
+  reports; both were written again by the same commands from mam's per-clip cache, every clip reused, with the
+  same picks and numbers: their cost lines give the rerun's seconds, their command blocks the measured runs'.
 
 `benchmarks/results.sh` holds exactly the steps that ran, with the same arguments, and `make results` runs
 them all in two parallel streams.
