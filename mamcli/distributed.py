@@ -15,6 +15,7 @@ vectors, small beside a model, and a CPU group needs no GPU memory or NCCL.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -118,6 +119,10 @@ def launched() -> Processes:
         raise MamError("launched with WORLD_SIZE > 1, but this torch build has no torch.distributed")
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=TIMEOUT)
+        # torn down before the interpreter exits: a process that finishes first and exits with gloo's threads still
+        # running aborts ("terminate called without an active exception", SIGABRT), and the launcher then kills
+        # the others mid-work (seen once in CI on rank-layers)
+        atexit.register(dist.destroy_process_group)
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=TIMEOUT)
     return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK") or "0"), group)
 
