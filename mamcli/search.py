@@ -599,7 +599,9 @@ def pick_on_dev(target: Checkpoint, source: Checkpoint | None, dev: Dataset, tes
     result = sweep(ev, source, sw, families, progress=progress)
     best = best_point(result["points"])
     if progress and procs.main:
-        progress(f"best on dev: layers {best['layers']}, λ = {best['lam']}, {best['column']}; evaluating it on test")
+        what = ("λ = 0 (the unmerged target)" if best["lam"] == 0 else
+                f"λ = {best['lam']} on layers {best['layers'] or 'all'}, from {best['column']}")
+        progress(f"best on dev: {what}; evaluating it on test")
     test_ev = Evaluator(target, test, opts, progress=progress, am=ev.am, ticker=ticker, processes=procs)
     if best["lam"] > 0:  # the chosen point only
         one = replace(sw, lams=[best["lam"]], layers=best["layers"], blocks=None, baseline="target",
