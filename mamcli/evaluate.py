@@ -323,11 +323,6 @@ def paper_table(points: list[dict[str, Any]], columns: list[str]) -> list[dict[s
     return rows
 
 
-def best_point(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lowest error (ties: smaller λ, earlier layers); λ = 0 competes too."""
-    return min(points, key=lambda p: (p["error"], p["lam"], str(p["layers"])))
-
-
 def evaluate_report(target: Checkpoint, ds: Dataset, ev: Evaluator, result: dict[str, Any], started: float,
                     source: Checkpoint | None = None) -> dict[str, Any]:
     """The report, on the main process; on the others ``{"command": "evaluate", "process": rank}`` (the CLI
