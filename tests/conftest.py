@@ -84,3 +84,17 @@ def mam(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
         return Result(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): Whisper's
+    decoder and the docs examples take hundreds of tiny steps, and on the shared 2-core machine a second thread
+    mostly waits for the first while other jobs run (up to 10× slower measured), as each launched process of the
+    distributed tests runs with OMP_NUM_THREADS=1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import SHARED
 
@@ -27,14 +26,7 @@ def _without_timing(points: list[dict]) -> list[dict]:
     return [{k: v for k, v in p.items() if k != "seconds"} for p in points]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The one-process runs in-process, like each launched process (OMP_NUM_THREADS=1): on a shared 2-core
-    machine a second torch thread only spins (Whisper's decoding steps take 30 times as long)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_sweep_on_two_processes_equals_one(tiny, mam, tmp_path):

@@ -264,13 +264,7 @@ def _here(spec: str) -> Path | None:
     return next((p for p in (Path(spec), ROOT / spec) if p.exists()), None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Docs examples are many small forwards: on a shared 2-core machine a second torch thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

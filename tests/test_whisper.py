@@ -33,14 +33,7 @@ ESC10 = f"folders:{SHARED}/esc10/ESC-10"
 BERT = {"q": "query", "k": "key", "v": "value"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Whisper's decoder takes hundreds of tiny steps; on this shared 2-core machine a second intra-op thread
-    mostly waits for the first while other jobs run (up to 10× slower measured), so this module uses one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plain(path):

@@ -18,13 +18,7 @@ from mamcli.models import load_audio_model
 SHORT = ("LJ001-0008", "LJ002-0020")  # 1.8 s and 1.5 s of real speech
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Hundreds of tiny decoder steps: on the shared 2-core machine a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
