@@ -8,9 +8,9 @@ the shared LJ Speech subset, resampled to 16 kHz by mam's reader for every metho
    is the measure. Rounds alternate the methods (so drifting load from other work hits all alike) and each
    method keeps its best round. Methods:
      pipeline     transformers ``pipeline("automatic-speech-recognition")``, batch 1 (its default), greedy
-     generate     mam's evaluation as it was: ``Evaluator`` with ``generate()``, batch 8
-     exact        ``Evaluator`` with mamcli.whisper_engine.generate (exact greedy loop), batch 8
-     fast         the same with ``fast=True``: int8 dynamic quantisation of the Linear layers, NOT exact
+     generate     mam's evaluation as it was before its engine: ``Evaluator`` with ``generate()``, batch 8
+     exact        ``mam evaluate`` (its default engine: mamcli.whisper_engine's exact greedy loop), batch 8
+     fast         ``mam evaluate --fast``: int8 dynamic quantisation of the Linear layers, NOT exact
      ct2          CTranslate2 int8 (faster-whisper's backend), greedy, when ``ctranslate2`` imports: the model
                   converted once from the same checkpoint (conversion not timed), HF features, batch 8
    Hypotheses are compared with the pipeline's. ``--wer-clips`` then scores exact and fast on that many clips
@@ -48,60 +48,74 @@ CT2_DIR = ROOT / ".cache" / "ct2" / "whisper-tiny.en"
 LAYERS = "2-3"
 METHODS = ("pipeline", "generate", "exact", "fast", "ct2")
 TARGETS = {"exact_over_pipeline": 1.7, "fast_over_pipeline": 3.0, "fast_wer_gap_pp": 0.1}
-LEVERS = {  # measured in-process, alternating A/B, best of 2-3 rounds, 2 threads, shared 2-core machine (load 3-8)
+LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on the 2 cores
     "kept: greedy loop instead of generate()": "decoding 16 LJ clips from the same encoder states: 35.7 s against "
-                                                "54.7 s for generate() (before the two levers below)",
-    "kept: decoder steps in one thread": "8 LJ clips decoded: 1.5 s with 1 thread against 5.9 s with 2",
+                                                "54.7 s for generate() (load 3-8, before the levers below)",
+    "kept: the output projection as W @ x.T": "MKL's F.linear at 8 rows × 51,864 words: 14.9 ms a step, W @ x.T "
+                                              "9.4 ms (1 thread), 4.8 ms (2 threads); a lone row paired with itself",
+    "kept: ended rows leave the batch": "with the projection above, 16 clips decoded in 2.04 s against 2.38 s "
+                                        "(1 thread, quiet)",
+    "kept: decoder steps in all threads (was 1)": "16 clips decoded in 1.37 s with 2 threads against 2.04 s with 1 "
+                                                  "(quiet); under load 3-8 one thread had been faster (1.5 s against "
+                                                  "5.9 s for 8 clips): OMP_NUM_THREADS=1 on a shared machine",
+    "kept: encoder two clips at a time": "16 LJ clips 3.55 s against 4.0-4.1 s as batches of 8 (quiet), bit-identical "
+                                         "states; a sweep's prefix cache still sees whole batches",
     "kept: two batched products for one-query attention": "SDPA's CPU flash kernel at one query × 1500 keys: "
-                                                          "2.15 s → 1.50 s for the same 8 clips (1 thread)",
-    "rejected for fast mode: encoder window cut to the audio": "whisper.cpp's audio_ctx (clip + 1 s of silence): "
-                                                               "11 of 24 LJ clips changed, 5 into loops to the bound",
-    "rejected for fast mode: int8 encoder only": "24 LJ clips in-process: 1.34× exact's speed (all Linear layers: "
-                                                 "1.61×), 21/24 hypotheses equal to exact (all layers: 16/24)",
-    "not tried (time)": "torch.compile of the encoder or a compiled decoder step, oneDNN channels-last, features "
-                        "overlapped with the encoder, shorter start-up; the encoder on the 30-s window already runs "
-                        "near the 2 cores' float32 peak (about 37 GFLOP a clip)",
+                                                          "2.15 s → 1.50 s for 8 clips (1 thread, load 3-8)",
+    "not kept (exact): the encoder is at the cores' float32 peak": "about 37 GFLOP a clip on the 30-s window; its "
+                                                                   "products run at 210 GFLOP/s and SDPA at 159 "
+                                                                   "against 194 for a 2048² product (quiet): fusing "
+                                                                   "the rest (copies, GELU, norms: 13 %) is all "
+                                                                   "torch.compile could take, less its compile time",
+    "not kept (fast): bfloat16": "encoder 0.164 s a clip against 0.250 fp32 and 0.149 int8 (quiet): SDPA gains "
+                                 "nothing in bf16 on this CPU (155 GFLOP/s)",
+    "rejected (fast): encoder window cut to the audio": "whisper.cpp's audio_ctx (clip + 1 s of silence): 11 of 24 "
+                                                        "LJ clips changed, 5 into loops to the bound",
+    "rejected (fast): encoder on the first 15 s of the window": "picked on LJ's first 48 clips, checked on the other "
+                                                               "337 (in-process, greedy): WER 5.125 % exact, int8 "
+                                                               "5.162 %, int8 + 15 s 5.432 % (+0.31 pp), fp32 + 15 s "
+                                                               "4.801 % (-0.32 pp); 4.2× exact's speed with int8 "
+                                                               "but WER moves as much as the merges mam measures",
 }
 
 
-def engine_predict(fast: bool) -> Any:
-    """Seq2Seq.predict with the one-line change the task takes: ``generate()`` → whisper_engine.generate."""
-    from mamcli.tasks.base import Predicted
-    from mamcli.whisper_engine import generate
-
-    def predict(self: Any, am: Any, inputs: dict[str, torch.Tensor], samples: list[int]) -> Predicted:
-        bound = self.bound(max(samples) / am.rate)
-        kwargs: dict[str, Any] = {"max_new_tokens": bound, "num_beams": self.options.beams, "do_sample": False}
-        seqs = generate(am, inputs, self.prompt, fast=fast, **kwargs)
-        texts = [t.strip() for t in am.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
-        special = torch.tensor(sorted(self.special), device=seqs.device)
-        produced = (~torch.isin(seqs, special)).sum(-1)
-        return Predicted(texts, [int(n) >= bound for n in produced])
-
-    return predict
+def generate_only(am: Any, inputs: dict[str, torch.Tensor], prompt: list[int | None], fast: bool = False,
+                  **kwargs: Any) -> torch.Tensor:
+    """mam's evaluation as it was before its engine: transformers' ``generate()`` on the whole batch."""
+    return am.model.generate(**inputs, **kwargs)
 
 
 def worker(method: str, clips: int, out: Path) -> None:
-    """One whole command: import, load, read, decode; writes {clip id: hypothesis} (and WER where mam scores)."""
-    from mamcli.checkpoint import resolve
+    """One whole command for the methods that are not mam's CLI: import, load, read, decode; writes
+    {clip id: hypothesis}."""
     from mamcli.data import load_dataset, select
 
     ds = select(load_dataset(LJ), limit=clips)
-    result: dict[str, Any] = {}
-    if method in ("pipeline", "ct2"):
-        result["texts"] = (run_pipeline if method == "pipeline" else run_ct2)(ds)
-    else:
+    if method == "generate":
+        from mamcli import whisper_engine
+        from mamcli.checkpoint import resolve
         from mamcli.evaluate import EvalOptions, Evaluator
-        from mamcli.tasks.seq2seq import Seq2Seq
 
-        if method != "generate":
-            Seq2Seq.predict = engine_predict(fast=method == "fast")  # type: ignore[method-assign]
+        whisper_engine.generate = generate_only  # type: ignore[assignment]
         with resolve(str(WHISPER)) as tgt:
-            ev = Evaluator(tgt, ds, EvalOptions())
-            scores = ev.evaluate()
-        result = {"texts": {u["id"]: u["hypothesis"] for u in scores["utterances"]}, "wer": scores["wer"],
-                  "hit_token_bound": scores["hit_token_bound"]}
-    out.write_text(json.dumps(result))
+            scores = Evaluator(tgt, ds, EvalOptions()).evaluate()
+        texts = {u["id"]: u["hypothesis"] for u in scores["utterances"]}
+    else:
+        texts = (run_pipeline if method == "pipeline" else run_ct2)(ds)
+    out.write_text(json.dumps({"texts": texts}))
+
+
+def mam_command(method: str, clips: int, out: Path) -> list[str]:
+    """``mam evaluate`` itself, as a user types it (``--fast`` for the fast row); the report goes to ``out``."""
+    return [str(Path(sys.executable).with_name("mam")), "evaluate", str(WHISPER), "--data", LJ, "--limit", str(clips),
+            "--format", "json", "-o", str(out), *(["--fast"] if method == "fast" else [])]
+
+
+def read_mam(out: Path) -> dict[str, Any]:
+    """Hypotheses, WER and clips at the token bound from a ``mam evaluate -o`` report."""
+    target = json.loads(out.read_text())["details"]["target"]
+    return {"texts": {u["id"]: u["hypothesis"] for u in target["utterances"]}, "wer": target["wer"],
+            "hit_token_bound": target["hit_token_bound"]}
 
 
 def run_pipeline(ds: Any) -> dict[str, str]:
@@ -158,11 +172,13 @@ def timed(method: str, clips: int, threads: int, tmp: Path) -> tuple[float, dict
     out = tmp / f"{method}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    mam = method in ("exact", "fast")
+    cmd = mam_command(method, clips, out) if mam else [sys.executable, __file__, "--worker", method, "--clips",
+                                                       str(clips), "--threads", str(threads), "--out", str(out)]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--worker", method, "--clips", str(clips), "--threads", str(threads),
-                    "--out", str(out)],
-                   check=True, env=env, cwd=ROOT)
-    return time.perf_counter() - t0, json.loads(out.read_text())
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    return seconds, read_mam(out) if mam else json.loads(out.read_text())
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -248,7 +264,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wer-clips", type=int, default=385)
     ap.add_argument("--sweep", action="store_true", help="also the issue-12 sweep benchmark (24 clips, 5 points)")
-    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("pipeline", "generate", "ct2"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

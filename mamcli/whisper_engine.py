@@ -15,8 +15,9 @@ are dynamically quantised to int8 (``torch.ao.quantization.quantize_dynamic``: i
 quantised per batch). Its hypotheses differ from the exact ones on some clips; benchmarks/whisper_bench.py
 measures its speed and its WER against exact mode. The copy is rebuilt whenever the model's weights change (a
 sweep's merge points write them in place), and is built without the model's hooks, so a sweep's prefix cache
-does not replay into it. Cutting the encoder's 30-s window to the audio (whisper.cpp's ``audio_ctx``) was
-measured and rejected: 11 of 24 LJ clips changed, several into loops that ran to the token bound.
+does not replay into it. Encoding less than the 30-s window (whisper.cpp's ``audio_ctx``) was measured and
+rejected: cut to the audio plus 1 s, 11 of 24 LJ clips changed, 5 into loops to the token bound; cut to its first
+15 s, no clip looped but WER moved by 0.3 pp on 337 held-out LJ clips, as much as the merges mam measures.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
 
@@ -34,21 +33,10 @@ import torch.nn.functional as F
 
 from mamcli.errors import MamError
 
-# Decoder steps are a few hundred small products each: one thread. A second one mostly waits at each product's
-# barrier, and when other work shares the cores it waits for a time slice: 1.5 s against 5.9 s to decode 8 LJ
-# clips with 2 threads on the shared 2-core machine (the encoder's large products keep every thread).
-DECODER_THREADS = 1
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """At most ``n`` intra-op threads inside, the caller's count again after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(n, before))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# The encoder runs on the 30-s window whatever the clip, so its products are large at any batch size; two clips
+# at a time keep its activations in cache: 16 LJ clips in 3.55 s against 4.0-4.1 s as one batch of 8 (2 threads,
+# quiet machine), the same floats bit for bit.
+ENCODER_ROWS = 2
 
 
 def generate(am: Any, inputs: dict[str, torch.Tensor], prompt: list[int | None], fast: bool = False,
@@ -69,9 +57,19 @@ def generate(am: Any, inputs: dict[str, torch.Tensor], prompt: list[int | None],
     if not greedy_ok:
         return am.model.generate(**inputs, **kwargs)
     model = quantized(am.model) if fast else am.model
-    hidden = model.get_encoder()(inputs["input_features"]).last_hidden_state
+    hidden = encode(model, inputs["input_features"])
     return greedy(model, hidden, [int(t) for t in prompt if t is not None], int(kwargs.get("max_new_tokens")
                   or am.model.config.max_target_positions - len(prompt)))
+
+
+def encode(model: Any, features: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden states, ``ENCODER_ROWS`` clips at a time. A module someone watches (a sweep's
+    prefix cache records or replays whole batches through hooks and patched ``forward``s) sees the batch whole."""
+    enc = model.get_encoder()
+    watched = any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in enc.modules())
+    if watched or features.shape[0] <= ENCODER_ROWS:
+        return enc(features).last_hidden_state
+    return torch.cat([enc(part).last_hidden_state for part in features.split(ENCODER_ROWS)])
 
 
 def describe(fast: bool) -> dict[str, Any]:
@@ -132,7 +130,10 @@ def _attend(attn: Any, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 @torch.inference_mode()
 def greedy(model: Any, hidden: torch.Tensor, prompt: list[int], max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding from encoder states: the prompt, then one token per step until every row has ended or
-    ``max_new_tokens`` new tokens; logits processed as ``generate`` does for Whisper without timestamps."""
+    ``max_new_tokens`` new tokens; logits processed as ``generate`` does for Whisper without timestamps.
+
+    A row that has ended leaves the batch (its caches are dropped), so the rest of a batch no longer pays for it;
+    rows never interact, so what remains computes the same tokens."""
     gen = model.generation_config
     dec = model.get_decoder()
     eos = gen.eos_token_id[0] if isinstance(gen.eos_token_id, list) else gen.eos_token_id
@@ -148,27 +149,40 @@ def greedy(model: Any, hidden: torch.Tensor, prompt: list[int], max_new_tokens: 
     begin = suppress | _mask(gen.begin_suppress_tokens, vocab, hidden.device)
     seqs = torch.full((batch, total), pad, dtype=torch.long, device=hidden.device)
     seqs[:, :len(prompt)] = torch.tensor(prompt)
-    done = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
+    rows = torch.arange(batch, device=hidden.device)  # the rows still decoding, as indices into seqs
     start, end = 0, len(prompt)
-    with _threads(DECODER_THREADS):
-        for step in range(max_new_tokens):
-            x = dec.embed_tokens(seqs[:, start:end]) + dec.embed_positions.weight[start:end]
-            for i, layer in enumerate(dec.layers):
-                h = layer.self_attn_layer_norm(x)
-                cache[i, 0, :, :, start:end] = _heads(layer.self_attn.k_proj(h), heads)
-                cache[i, 1, :, :, start:end] = _heads(layer.self_attn.v_proj(h), heads)
-                x = x + _attend(layer.self_attn, h, cache[i, 0, :, :, :end], cache[i, 1, :, :, :end], end - start > 1)
-                x = x + _attend(layer.encoder_attn, layer.encoder_attn_layer_norm(x), *cross[i], False)
-                x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
-            logits = model.proj_out(dec.layer_norm(x[:, -1]))
-            logits = logits.masked_fill(begin if step == 0 else suppress, -math.inf)
-            token = torch.where(done, pad, logits.argmax(-1))
-            seqs[:, end] = token
-            done |= token == eos
-            start, end = end, end + 1
-            if bool(done.all()):
+    for step in range(max_new_tokens):
+        x = dec.embed_tokens(seqs[rows, start:end]) + dec.embed_positions.weight[start:end]
+        for i, layer in enumerate(dec.layers):
+            h = layer.self_attn_layer_norm(x)
+            cache[i, 0, :, :, start:end] = _heads(layer.self_attn.k_proj(h), heads)
+            cache[i, 1, :, :, start:end] = _heads(layer.self_attn.v_proj(h), heads)
+            x = x + _attend(layer.self_attn, h, cache[i, 0, :, :, :end], cache[i, 1, :, :, :end], end - start > 1)
+            x = x + _attend(layer.encoder_attn, layer.encoder_attn_layer_norm(x), *cross[i], False)
+            x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
+        logits = _logits(model.proj_out, dec.layer_norm(x[:, -1]))
+        token = logits.masked_fill(begin if step == 0 else suppress, -math.inf).argmax(-1)
+        seqs[rows, end] = token
+        start, end = end, end + 1
+        going = token != eos
+        if not bool(going.all()):
+            if not bool(going.any()):
                 break
+            rows, cache = rows[going], cache[:, :, going]
+            cross = [(k[going], v[going]) for k, v in cross]
     return _as_generate(seqs[:, len(prompt):end], eos, pad)
+
+
+def _logits(proj: Any, x: torch.Tensor) -> torch.Tensor:
+    """``proj(x)`` for the output projection, a few rows against the whole vocabulary (Whisper's is 51,864 × 384,
+    80 MB in float32, read once per step). MKL's kernel for ``F.linear`` at this shape runs at a third of the
+    memory's speed; ``W @ x.T`` runs near it from two rows up (one thread, a batch of 8: 9.4 ms against 14.9 ms),
+    so a lone row is paired with itself. The int8 copy's quantised layer keeps its own kernel."""
+    if type(proj) is not torch.nn.Linear:
+        return proj(x)
+    pair = x if x.shape[0] > 1 else x.repeat(2, 1)
+    out = (proj.weight @ pair.T).T[:x.shape[0]]
+    return out if proj.bias is None else out + proj.bias
 
 
 def _as_generate(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The Whisper engine: its exact greedy loop gives generate()'s token ids (tiny random Whisper and the real
-whisper-tiny.en), stops at the token bound, hands beams to generate(); the int8 fast mode runs, says it is not
-exact, and follows weight changes."""
+whisper-tiny.en), also when rows end at different steps, stops at the token bound, hands beams to generate(); the
+encoder runs two clips at a time unless someone watches it; the int8 fast mode runs, says it is not exact, and
+follows weight changes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from mamcli.data import iter_clips, load_dataset
 from mamcli.errors import MamError
 from mamcli.models import load_audio_model
 
-SHORT = ("LJ001-0008", "LJ002-0020")  # 1.8 s and 1.5 s of real speech
+SHORT = ("LJ001-0008", "LJ002-0020", "LJ001-0006")  # 1.8 s, 1.5 s and 5.7 s of real speech
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,6 +49,23 @@ def test_exact_greedy_equals_generate_and_stops_at_the_bound(tiny_am):
         assert ours.shape == (3, bound)  # a random decoder never says end-of-text: every row runs to the bound
 
 
+def test_encoder_in_pairs_unless_watched(tiny_am):
+    model = tiny_am.model
+    features = _noise(tiny_am, [1.0, 2.0, 3.0, 1.5, 0.5])["input_features"]
+    with torch.inference_mode():
+        whole = model.get_encoder()(features).last_hidden_state
+        seen: list[int] = []
+        handle = model.get_encoder().layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+        try:
+            watched = whisper_engine.encode(model, features)
+        finally:
+            handle.remove()
+        assert seen == [5]  # a hook (a sweep's prefix cache) sees the batch whole
+        pairs = whisper_engine.encode(model, features)
+    assert torch.equal(watched, whole)
+    assert pairs.shape == whole.shape and torch.allclose(pairs, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_beams_go_to_generate(tiny_am):
     inputs = _noise(tiny_am, [2.0, 1.0])
     ours = whisper_engine.generate(tiny_am, inputs, tiny_am.task.prompt, max_new_tokens=6, num_beams=3)
@@ -67,6 +85,8 @@ def test_exact_on_real_speech_equals_generate(real):
     ref = _generate(am, inputs, max_new_tokens=40, num_beams=1)
     assert torch.equal(ours, ref)
     assert ours.shape[1] < 40  # real speech ends before the bound
+    pad = am.model.generation_config.pad_token_id
+    assert int((ours == pad).any(-1).sum()) == 2  # the short clips ended first: their rows left the batch
     texts = am.tokenizer.batch_decode(ours, skip_special_tokens=True)
     assert sum(len(t.split()) for t in texts) >= 4
 
