@@ -1,7 +1,10 @@
-"""Reading tensors back for assertions."""
+"""Reading tensors back for assertions; mam under torchrun."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -20,3 +23,20 @@ def load_dir(d: Path) -> dict[str, torch.Tensor]:
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
         a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def torchrun(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`mam ARGS` as two CPU processes (gloo) under torchrun."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "mamcli.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=240)
+
+
+def timeless(report: object) -> object:
+    """A report without its clock readings (keys naming seconds or wall time), which two runs never share."""
+    if isinstance(report, dict):
+        return {k: timeless(v) for k, v in report.items() if "second" not in k and "wall" not in k
+                and k not in ("peak_rss_mib", "timing", "versions", "processes", "clips_per_process")}
+    if isinstance(report, list):
+        return [timeless(v) for v in report]
+    return report

@@ -1,25 +1,16 @@
-"""evaluate and rank-layers under torchrun: two gloo CPU processes give one process's results, number for number,
-and only the main process speaks."""
+"""evaluate and rank-layers under torchrun (search: tests/test_search.py): two gloo CPU processes give one
+process's results, number for number, and only the main process speaks."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from conftest import SHARED
+from helpers import torchrun
 
 LJ = f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1"
-
-
-def _torchrun(*args: object) -> subprocess.CompletedProcess[str]:
-    """`mam ARGS` as two CPU processes (gloo) under torchrun."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "mamcli.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
 
 
 def _without_timing(points: list[dict]) -> list[dict]:
@@ -35,7 +26,7 @@ def test_a_sweep_on_two_processes_equals_one(tiny, mam, tmp_path):
     src, tgt = tiny("bert", layers=2), tiny("hubert-ctc", layers=2)
     args = ("evaluate", tgt, "--data", LJ, "--limit", "6", "--source", src, "--lam", "0,0.3,0.6", "--layers", "1",
             "--noise", "normal", "--resamples", "200", "--format", "json")
-    run = _torchrun(*args, "-o", tmp_path / "two.json")
+    run = torchrun(*args, "-o", tmp_path / "two.json")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("reading 6 clips") == 1  # progress from the main process only
     one_run = mam(*args, "-o", tmp_path / "one.json")
@@ -61,7 +52,7 @@ def test_whisper_on_two_processes_keeps_one_processs_batches(tiny, mam, tmp_path
     src, tgt = tiny("bert", layers=2), tiny("whisper", layers=2)
     args = ("evaluate", tgt, "--data", LJ, "--limit", "6", "--batch-size", "2", "--source", src, "--lam", "0,0.5",
             "--pick-on-dev", "--dev-fraction", "0.5", "--resamples", "100", "--format", "json")
-    run = _torchrun(*args, "-o", tmp_path / "two.json")
+    run = torchrun(*args, "-o", tmp_path / "two.json")
     assert run.returncode == 0, run.stderr[-3000:]
     one_run = mam(*args, "-o", tmp_path / "one.json")
     assert one_run.code == 0, one_run.err
@@ -81,7 +72,7 @@ def test_rank_layers_on_two_processes_equals_one(tiny, mam, tmp_path):
     src, tgt = tiny("bert", layers=2), tiny("whisper", layers=2)
     args = ("rank-layers", src, tgt, "--data", LJ, "--limit", "6", "--metric", "all", "--n-projections", "50",
             "--batch-size", "2", "--top-k", "1", "--format", "json")
-    run = _torchrun(*args)
+    run = torchrun(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("encoding text") == 1
     one_run = mam(*args)
@@ -99,7 +90,7 @@ def test_an_unreadable_clip_under_strict_stops_every_process(tiny, tmp_path):
     rows = [{"audio": str(good[0]), "text": "zero"}, {"audio": "bad.wav", "text": "one"},
             {"audio": str(good[1]), "text": "two"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    run = _torchrun("evaluate", tiny("hubert-ctc", layers=2), "--data", tmp_path / "m.jsonl", "--strict", "-q")
+    run = torchrun("evaluate", tiny("hubert-ctc", layers=2), "--data", tmp_path / "m.jsonl", "--strict", "-q")
     assert run.returncode != 0 and run.stdout == ""
     errors = [line for line in run.stderr.splitlines() if line.startswith("mam: error: ")]
     assert len(errors) == 2 and all("bad.wav" in line for line in errors), run.stderr[-3000:]

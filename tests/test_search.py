@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import SHARED
+from helpers import timeless, torchrun
 from mamcli import search as S
 from mamcli.checkpoint import resolve
 from mamcli.data import load_dataset, select
@@ -252,6 +253,24 @@ def test_cli_positive_control_helps_writes_a_verified_merge_and_reuses_its_cache
     assert again.code == 0, again.err
     cost = json.loads(again.out)["cost"]
     assert cost["reused_from_cache"] == cost["clip_evaluations"] + cost["test_clip_evaluations"] > 0
+
+
+def test_search_on_two_processes_equals_one(control, mam, tmp_path, monkeypatch):
+    """Under torchrun each round's dev clips and the test split are sharded over the processes: the race (rounds,
+    candidates left, bounds), the pick, the test confirmation and its noise control are one process's. Each run
+    starts from an empty per-clip cache, so both compute every clip."""
+    args = _cli(control, 1, "--lam", "0.25,0.5", "--layers", "0", "--format", "json")
+    run = torchrun(*args, "-o", tmp_path / "two.json", env={"MAM_CACHE_DIR": str(tmp_path / "cache-two")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    monkeypatch.setenv("MAM_CACHE_DIR", str(tmp_path / "cache-one"))
+    one_run = mam(*args, "-o", tmp_path / "one.json")
+    assert one_run.code == 0, one_run.err
+    assert run.stderr.count("reading ") == one_run.err.count("reading ") > 0  # progress from the main process only
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert json.loads(run.stdout)["verdict"] == one["verdict"] == "helps"  # stdout: exactly one JSON document
+    assert two["cost"]["reused_from_cache"] == one["cost"]["reused_from_cache"] == 0
+    assert timeless(two) == timeless(one)
+    assert one["test"]["clips"] == len(control[4].items) and one["noise_control"]["clips"] == len(control[4].items)
 
 
 def test_cli_noise_source_writes_nothing_and_says_so(control, mam, tmp_path):
