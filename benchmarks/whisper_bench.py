@@ -66,7 +66,7 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
     "not kept (exact): the encoder is at the cores' float32 peak": "about 37 GFLOP a clip on the 30-s window; its "
                                                                    "products run at 210 GFLOP/s and SDPA at 159 "
                                                                    "against 194 for a 2048² product (quiet): fusing "
-                                                                   "the rest (copies, GELU, norms: 13 %) is all "
+                                                                   "the rest (copies, GELU, norms: about 10 %) is all "
                                                                    "torch.compile could take, less its compile time",
     "not kept (fast): bfloat16": "encoder 0.164 s a clip against 0.250 fp32 and 0.149 int8 (quiet): SDPA gains "
                                  "nothing in bf16 on this CPU (155 GFLOP/s)",
