@@ -101,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=("real", "control", "all"), default="all")
     ap.add_argument("--damage", type=float, default=0.5, help="noise E as a multiple of each tensor's std")
-    ap.add_argument("--budget-clips", type=int, default=None, help="default: a third of the full grid")
+    ap.add_argument("--budget-clips", type=int, default=None, help="default: mam search's (0.3× the full grid)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
