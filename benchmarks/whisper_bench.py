@@ -18,11 +18,12 @@ the shared LJ Speech subset, resampled to 16 kHz by mam's reader for every metho
    and the speed ratios with start-up spread over more clips. Results: benchmarks/results/whisper_speed.json.
    Targets (issue 26): exact ≥ 1.7× the pipeline with identical hypotheses; fast ≥ 3× with WER within 0.1 pp
    (absolute) of exact.
-2. sweep (issue 12, ``--sweep``): N λ points of MiniLM → whisper-tiny.en on encoder layers 2-3 in one ``sweep``
+2. sweep (issue 12, ``--part sweep``): N λ points of MiniLM → whisper-tiny.en on encoder layers 2-3 in one ``sweep``
    call against N separate evaluations; target ≤ 0.5 · N evaluations. Results: benchmarks/results/whisper_bench.json.
 
 What was measured and not kept, and what was not tried, is written into the results (LEVERS).
-Usage: python benchmarks/whisper_bench.py [--clips 60] [--rounds 2] [--threads 2] [--wer-clips 385] [--sweep]
+Usage: python benchmarks/whisper_bench.py [--clips 60] [--rounds 2] [--threads 2] [--wer-clips 385]
+       [--part speed|sweep|all]
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ def sweep_bench(clips: int, points: int) -> dict[str, Any]:
                 with resolve(str(out)) as merged:
                     one = Evaluator(merged, ds, EvalOptions()).evaluate()
                 separate.append(time.perf_counter() - t0)
-                same_points += one["utterances"] == result["details"][f"{LAYERS}|{lam}|{src.spec}"]["utterances"]
+                same_points += one["utterances"] == result["details"][f"{LAYERS}|{lam}|{src.name}"]["utterances"]
     ratio = round(sweep_s / sum(separate), 3)
     return {"benchmark": "whisper sweep", "date": time.strftime("%Y-%m-%d"), "clips": clips,
             "sweep": {"points": points, "lams": lams, "layers": LAYERS, "layer_map": "first",
@@ -275,7 +276,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wer-clips", type=int, default=385)
-    ap.add_argument("--sweep", action="store_true", help="also the issue-12 sweep benchmark (24 clips, 5 points)")
+    ap.add_argument("--part", choices=("speed", "sweep", "all"), default="speed",
+                    help="speed: issue 26 (the default); sweep: the issue-12 sweep benchmark (24 clips, 5 points)")
     ap.add_argument("--worker", choices=("pipeline", "generate", "ct2"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -285,11 +287,12 @@ def main() -> None:
         return
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    report = speed(args)
-    (results / "whisper_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("whole_command_s", "speed_over_pipeline", "identical_to_pipeline",
-                                             "wer", "met")}, indent=2))
-    if args.sweep:
+    if args.part in ("speed", "all"):
+        report = speed(args)
+        (results / "whisper_speed.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: report[k] for k in ("whole_command_s", "speed_over_pipeline", "identical_to_pipeline",
+                                                 "wer", "met")}, indent=2))
+    if args.part in ("sweep", "all"):
         swept = sweep_bench(24, 5)
         (results / "whisper_bench.json").write_text(json.dumps(swept, indent=2) + "\n")
         print(json.dumps(swept["sweep"], indent=2))
