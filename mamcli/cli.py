@@ -1064,6 +1064,9 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"mam: internal error: {type(e).__name__}: {e} (MAM_DEBUG=1 shows the traceback)",
                   markup=False, soft_wrap=True)
         code = 3
+    from mamcli.distributed import leave
+
+    leave(code)  # under a launcher: waits for the other processes, then ends this one (no return)
     sys.exit(code)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -119,12 +120,42 @@ def launched() -> Processes:
         raise MamError("launched with WORLD_SIZE > 1, but this torch build has no torch.distributed")
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=TIMEOUT)
-        # torn down before the interpreter exits: a process that finishes first and exits with gloo's threads still
-        # running aborts ("terminate called without an active exception", SIGABRT), and the launcher then kills
-        # the others mid-work (seen once in CI on rank-layers)
-        atexit.register(dist.destroy_process_group)
+        _JOINED.append(True)
+        atexit.register(_tear_down)  # a way out that bypasses ``leave`` (a usage error): tear down before exit
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=TIMEOUT)
     return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK") or "0"), group)
+
+
+_JOINED: list[bool] = []  # this process joined the launcher's group (``launched``), and tears it down
+
+
+def _tear_down() -> None:
+    """Destroy the group this process joined, if it still stands: a process that exits with gloo's threads still
+    running aborts at interpreter exit ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    if _JOINED and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def leave(code: int) -> None:
+    """End this process with exit status ``code`` if it joined a launcher's group; otherwise return.
+
+    gloo's C++ threads did not survive interpreter exit: a process that ended first aborted at exit ("terminate
+    called without an active exception", SIGABRT), even after a barrier and ``destroy_process_group``, and the
+    launcher then failed the run (2 of 16 rank-layers runs on a loaded machine; twice in CI). So after a command
+    that succeeded every process waits for the others (none leaves while another still receives what it sent),
+    and then each leaves at once with ``os._exit``, after flushing its output: nothing of the interpreter's
+    teardown runs, and mam registers nothing that needs it (its outputs are written and synced by then)."""
+    if not _JOINED:
+        return
+    import torch.distributed as dist
+
+    if code == 0 and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass
