@@ -71,6 +71,10 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
                                                                    "torch.compile could take, less its compile time",
     "not kept (fast): bfloat16": "encoder 0.164 s a clip against 0.250 fp32 and 0.149 int8 (quiet): SDPA gains "
                                  "nothing in bf16 on this CPU (155 GFLOP/s)",
+    "not kept (fast): torchao's int8 instead of torch.ao's": (
+        "torchao 0.18 Int8DynamicActivationInt8WeightConfig, eager (no torch.compile), 2 threads, quiet: encoder "
+        "0.241 s a clip against torch.ao's 0.150 and float32's 0.225; output projection at 8 rows 26.9 ms against "
+        "0.67 and 10.5: slower than float32, so --fast stays on the deprecated torch.ao while torch has it"),
     "rejected (fast): encoder window cut to the audio": "whisper.cpp's audio_ctx (clip + 1 s of silence): 11 of 24 "
                                                         "LJ clips changed, 5 into loops to the bound",
     "rejected (fast): encoder on the first 15 s of the window": "picked on LJ's first 48 clips, checked on the other "
