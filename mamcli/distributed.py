@@ -130,11 +130,12 @@ _JOINED: list[bool] = []  # this process joined the launcher's group (``launched
 
 
 def _tear_down() -> None:
-    """Destroy the group this process joined, if it still stands: a process that exits with gloo's threads still
-    running aborts at interpreter exit ("terminate called without an active exception", SIGABRT)."""
+    """Destroy the group this process joined (registered at exit when it joined), if it still stands: a process
+    that exits with gloo's threads still running aborts at interpreter exit ("terminate called without an active
+    exception", SIGABRT)."""
     import torch.distributed as dist
 
-    if _JOINED and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

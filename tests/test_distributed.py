@@ -8,13 +8,9 @@ import json
 import pytest
 
 from conftest import SHARED
-from helpers import torchrun
+from helpers import timeless, torchrun
 
 LJ = f"ljspeech:{SHARED}/ljspeech-385/LJSpeech-1.1"
-
-
-def _without_timing(points: list[dict]) -> list[dict]:
-    return [{k: v for k, v in p.items() if k != "seconds"} for p in points]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,7 +34,7 @@ def test_a_sweep_on_two_processes_equals_one(tiny, mam, tmp_path):
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert two["details"] == one["details"]  # every point's hypotheses, WER, CER, counts
     assert len(one["details"]) == 5 and len(one["details"]["target"]["utterances"]) == 6
-    assert _without_timing(two["points"]) == _without_timing(one["points"])
+    assert timeless(two["points"]) == timeless(one["points"])
     assert (two["evaluation"]["processes"], two["evaluation"]["clips_per_process"]) == (2, [3, 3])
     assert (one["evaluation"]["processes"], one["evaluation"]["clips_per_process"]) == (1, [6])
     for key in ("batches", "batches_replayed"):
@@ -60,8 +56,8 @@ def test_whisper_on_two_processes_keeps_one_processs_batches(tiny, mam, tmp_path
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     for split in ("dev", "test"):
         assert two[split]["details"] == one[split]["details"]
-        assert _without_timing(two[split]["points"]) == _without_timing(one[split]["points"])
-    assert _without_timing([two["best_on_dev"]]) == _without_timing([one["best_on_dev"]])
+        assert timeless(two[split]["points"]) == timeless(one[split]["points"])
+    assert timeless(two["best_on_dev"]) == timeless(one["best_on_dev"])
     assert one["dev"]["details"]["target"]["hit_token_bound"] > 0  # the bound is in play
     assert (two["evaluation"]["clips_per_process"], one["evaluation"]["clips_per_process"]) == ([4, 2], [6])
 
