@@ -1,7 +1,7 @@
 """The Whisper engine: its exact greedy loop gives generate()'s token ids (tiny random Whisper and the real
 whisper-tiny.en), also when rows end at different steps, stops at the token bound, hands beams to generate(); the
-encoder runs two clips at a time unless someone watches it; the int8 fast mode runs, says it is not exact, and
-follows weight changes."""
+encoder runs two clips at a time unless someone watches it; the fast mode runs, says it is not exact, follows
+weight changes, and its encoder (int8, bfloat16 where the CPU has it) stays near the exact one."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mamcli import whisper_engine
 from mamcli.checkpoint import resolve
 from mamcli.data import iter_clips, load_dataset
 from mamcli.errors import MamError
+from mamcli.int8 import Int8Linear
 from mamcli.models import load_audio_model
 
 SHORT = ("LJ001-0008", "LJ002-0020", "LJ001-0006")  # 1.8 s, 1.5 s and 5.7 s of real speech
@@ -98,8 +99,9 @@ def test_fast_mode_runs_is_not_exact_and_follows_weight_changes(tiny_am):
     out = whisper_engine.generate(tiny_am, inputs, tiny_am.task.prompt, fast=True, max_new_tokens=5, num_beams=1)
     assert out.shape == (2, 5) and out.dtype == torch.long
     q = whisper_engine.quantized(tiny_am.model)
-    linear = q.model.encoder.layers[0].self_attn.q_proj
-    assert isinstance(linear, torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(q.model.encoder.layers[0].self_attn.qkv, Int8Linear)
+    assert isinstance(q.model.encoder.layers[0].fc1, Int8Linear)
+    assert isinstance(q.model.decoder.layers[0].self_attn.q_proj, torch.ao.nn.quantized.dynamic.Linear)
     assert whisper_engine.quantized(tiny_am.model) is q  # unchanged weights: the same copy
     param = tiny_am.model.model.encoder.layers[0].self_attn.q_proj.weight
     original = param.detach().clone()
@@ -108,8 +110,27 @@ def test_fast_mode_runs_is_not_exact_and_follows_weight_changes(tiny_am):
     try:
         q2 = whisper_engine.quantized(tiny_am.model)
         assert q2 is not q
-        w = q2.model.encoder.layers[0].self_attn.q_proj.weight().dequantize()
+        w = q2.model.encoder.layers[0].self_attn.qkv.dequantized()[:param.shape[0]]  # the query's rows come first
         assert torch.allclose(w, param.detach(), atol=float(param.detach().abs().max()) / 100)
     finally:
         with torch.no_grad():
             param.copy_(original)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_fast_encoder_is_close_to_exact_and_each_clip_its_own(tiny_am, monkeypatch, bf16):
+    """Both kernels of fast mode's encoder (bfloat16 where the CPU multiplies it natively, else float32 SDPA)
+    stay near the exact encoder, and a clip's states do not depend on the clips beside it."""
+    monkeypatch.setattr(whisper_engine, "bf16_native", lambda: bf16)
+    monkeypatch.setattr(whisper_engine, "_QUANTIZED", [])  # a copy built under this CPU answer
+    features = _noise(tiny_am, [1.0, 2.0, 3.0])["input_features"]
+    with torch.inference_mode():
+        exact = whisper_engine.encode(tiny_am.model, features)
+        q = whisper_engine.quantized(tiny_am.model)
+        assert q.model.encoder.conv1.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        fast = whisper_engine.encode_fast(q, features)
+        alone = whisper_engine.encode_fast(q, features[1:2])
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    rel = float((fast - exact).norm() / exact.norm())
+    assert 0 < rel < 0.01  # not exact, and close
+    assert torch.equal(alone[0], fast[1])
