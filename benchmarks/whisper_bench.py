@@ -10,20 +10,23 @@ the shared LJ Speech subset, resampled to 16 kHz by mam's reader for every metho
      pipeline     transformers ``pipeline("automatic-speech-recognition")``, batch 1 (its default), greedy
      generate     mam's evaluation as it was before its engine: ``Evaluator`` with ``generate()``, batch 8
      exact        ``mam evaluate`` (its default engine: mamcli.whisper_engine's exact greedy loop), batch 8
-     fast         ``mam evaluate --fast``: int8 dynamic quantisation of the Linear layers, NOT exact
+     fast         ``mam evaluate --fast``: int8 Linear layers, bf16 encoder attention where the CPU has it, NOT exact
      ct2          CTranslate2 int8 (faster-whisper's backend), greedy, when ``ctranslate2`` imports: the model
                   converted once from the same checkpoint (conversion not timed), HF features, batch 8
    Hypotheses are compared with the pipeline's. ``--wer-clips`` then runs exact, fast and the pipeline once on
-   that many clips (all 385 by default): the WER gap of fast, exact's hypotheses against the pipeline's again,
-   and the speed ratios with start-up spread over more clips. Results: benchmarks/results/whisper_speed.json.
+   that many clips (all 385 by default): the WER gap of fast (with its paired interval and the exact sign test
+   over the clips that changed), exact's hypotheses against the pipeline's again, and the speed ratios with
+   start-up spread over more clips. Results: benchmarks/results/whisper_speed.json.
    Targets (issue 26): exact ≥ 1.7× the pipeline with identical hypotheses; fast ≥ 3× with WER within 0.1 pp
    (absolute) of exact.
+   On a GPU (``--device cuda``, issue 26's item 3): the pipeline and mam on it, exact as ``--dtype float32``, the fast
+   row as ``--dtype float16`` (``--fast`` is CPU-only), no CTranslate2 row; results in whisper_speed_cuda.json.
 2. sweep (issue 12, ``--part sweep``): N λ points of MiniLM → whisper-tiny.en on encoder layers 2-3 in one ``sweep``
    call against N separate evaluations; target ≤ 0.5 · N evaluations. Results: benchmarks/results/whisper_bench.json.
 
 What was measured and not kept, and what was not tried, is written into the results (LEVERS).
 Usage: python benchmarks/whisper_bench.py [--clips 60] [--rounds 2] [--threads 2] [--wer-clips 385]
-       [--part speed|sweep|all]
+       [--part speed|sweep|all] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mamcli import whisper_engine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -70,12 +75,33 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
                                                                    "against 194 for a 2048² product (quiet): fusing "
                                                                    "the rest (copies, GELU, norms: about 10 %) is all "
                                                                    "torch.compile could take, less its compile time",
-    "not kept (fast): bfloat16": "encoder 0.164 s a clip against 0.250 fp32 and 0.149 int8 (quiet): SDPA gains "
-                                 "nothing in bf16 on this CPU (155 GFLOP/s)",
+    "kept (fast): encoder Linear layers in int8 with a scale per activation row (mamcli.int8)": (
+        "torch.ao gives a whole input one scale, so a clip's padding rows and a batch partner share the loudest "
+        "row's: encoder states on 4 LJ clips differ from float32 by rms 0.031 against torch.ao's 0.144, and a "
+        "clip's states no longer depend on its partner; torch._int_mm runs these products faster than fbgemm "
+        "(3000 × 384 × 1536: 4.1 ms against 5.3), the per-row scaling passes take most of that back"),
+    "kept (fast): encoder self-attention as two bfloat16 products per head": (
+        "SDPA in bf16 gains nothing on this CPU (45.9 ms against 45.1 fp32 for a layer of two clips: about 150 "
+        "GFLOP/s either way); plain bf16 products run at 360-425 GFLOP/s (AVX512-BF16): 31 ms; the encoder "
+        "with int8 Linear layers 0.158 → 0.122 s a clip. Added error: rms 0.004 against int8's 0.14"),
+    "kept (fast): query, key and value as one int8 product; convolutions in bf16": (
+        "the convolutions of two clips 27 → 10 ms; the encoder 0.134 → 0.118 s a clip (random input)"),
+    "kept (fast): encoder one clip at a time": "0.115-0.126 s a clip against 0.145-0.148 two at a time (8 clips)",
+    "not kept (fast): decoder in per-row int8 too": (
+        "at a step's few rows fbgemm's fused kernel is faster (8 × 384 × 384: 0.033 ms against 0.049; the output "
+        "projection 0.52 ms against 1.43). On 385 clips it changed 33 normalised hypotheses against torch.ao's 62 "
+        "but WER +0.39 pp (one clip +17 words); a float32 decoder changed 18, WER -0.36 pp (one clip -24 words), "
+        "and took 92 s against 74 (385 clips, one round each)"),
+    "not kept (exact): ended rows swapped out instead of the batch compacted": (
+        "copying one row per ended row into the hole instead of the live rows: 16 LJ clips decoded in 1.42-1.49 s "
+        "against 1.30-1.41 (exact, 2 threads, two tries each)"),
+    "not tried (fast): int8 attention products": (
+        "torch._int_mm per head: QKᵀ 0.55 ms against bf16's 0.80, PV 0.40 against 0.68, but the passes to scale "
+        "the 1500 × 1500 scores and quantise the probabilities (about 0.3-0.4 ms each, measured apart) cancel it"),
     "not kept (fast): torchao's int8 instead of torch.ao's": (
         "torchao 0.18 Int8DynamicActivationInt8WeightConfig, eager (no torch.compile), 2 threads, quiet: encoder "
         "0.241 s a clip against torch.ao's 0.150 and float32's 0.225; output projection at 8 rows 26.9 ms against "
-        "0.67 and 10.5: slower than float32, so --fast stays on the deprecated torch.ao while torch has it"),
+        "0.67 and 10.5: slower than float32; the decoder stays on the deprecated torch.ao while torch has it"),
     "rejected (fast): encoder window cut to the audio": "whisper.cpp's audio_ctx (clip + 1 s of silence): 11 of 24 "
                                                         "LJ clips changed, 5 into loops to the bound",
     "rejected (fast): encoder on the first 15 s of the window": "picked on LJ's first 48 clips, checked on the other "
@@ -92,7 +118,7 @@ def generate_only(am: Any, inputs: dict[str, torch.Tensor], prompt: list[int | N
     return am.model.generate(**inputs, **kwargs)
 
 
-def worker(method: str, clips: int, out: Path) -> None:
+def worker(method: str, clips: int, out: Path, device: str) -> None:
     """One whole command for the methods that are not mam's CLI: import, load, read, decode; writes
     {clip id: hypothesis}."""
     from mamcli.data import load_dataset, select
@@ -105,32 +131,60 @@ def worker(method: str, clips: int, out: Path) -> None:
 
         whisper_engine.generate = generate_only  # type: ignore[assignment]
         with resolve(str(WHISPER)) as tgt:
-            scores = Evaluator(tgt, ds, EvalOptions()).evaluate()
+            scores = Evaluator(tgt, ds, EvalOptions(device=device, dtype="float32")).evaluate()
         texts = {u["id"]: u["hypothesis"] for u in scores["utterances"]}
     else:
-        texts = (run_pipeline if method == "pipeline" else run_ct2)(ds)
+        texts = run_pipeline(ds, device) if method == "pipeline" else run_ct2(ds)
     out.write_text(json.dumps({"texts": texts}))
 
 
-def mam_command(method: str, clips: int, out: Path) -> list[str]:
-    """``mam evaluate`` itself, as a user types it (``--fast`` for the fast row); the report goes to ``out``."""
+def mam_command(method: str, clips: int, out: Path, device: str) -> list[str]:
+    """``mam evaluate`` itself, as a user types it; the report goes to ``out``. The fast row is ``--fast`` on CPU;
+    on a GPU, where ``--fast`` is refused, it is ``--dtype float16`` (not exact either) and exact is float32."""
+    if device == "cpu":
+        options = ["--fast"] if method == "fast" else []
+    else:
+        options = ["--device", device, "--dtype", "float16" if method == "fast" else "float32"]
     return [str(Path(sys.executable).with_name("mam")), "evaluate", str(WHISPER), "--data", LJ, "--limit", str(clips),
-            "--format", "json", "-o", str(out), *(["--fast"] if method == "fast" else [])]
+            "--format", "json", "-o", str(out), *options]
 
 
 def read_mam(out: Path) -> dict[str, Any]:
-    """Hypotheses, WER and clips at the token bound from a ``mam evaluate -o`` report."""
-    target = json.loads(out.read_text())["details"]["target"]
+    """Hypotheses, WER, clips at the token bound, and per-clip (errors, words) from a ``mam evaluate -o`` report,
+    scored with the report's own normaliser."""
+    from mamcli.stats import detail_counts
+
+    report = json.loads(out.read_text())
+    target = report["details"]["target"]
+    ids, counts = detail_counts(target, report["evaluation"]["normalizer"]["name"])
     return {"texts": {u["id"]: u["hypothesis"] for u in target["utterances"]}, "wer": target["wer"],
-            "hit_token_bound": target["hit_token_bound"]}
+            "hit_token_bound": target["hit_token_bound"], "counts": dict(zip(ids, counts, strict=True))}
 
 
-def run_pipeline(ds: Any) -> dict[str, str]:
+def fast_against_exact(fast: dict[str, Any], exact: dict[str, Any]) -> dict[str, Any]:
+    """Fast minus exact on the same clips: the pooled WER difference with its paired bootstrap interval, the exact
+    sign test over the clips whose errors changed, and the clips that moved WER most (one looping clip can)."""
+    from mamcli.stats import binomial_two_sided, paired_bootstrap
+
+    ids = list(exact["counts"])
+    paired = paired_bootstrap([fast["counts"][i] for i in ids], [exact["counts"][i] for i in ids])
+    p, mid_p = binomial_two_sided(paired["worse"], paired["better"] + paired["worse"])
+    moves = sorted(((fast["counts"][i][0] - exact["counts"][i][0], i) for i in ids), key=lambda m: -abs(m[0]))
+    return {"delta_pp": round(100 * paired["delta"], 3),
+            "delta_95_pp": [round(100 * paired["delta_lo"], 3), round(100 * paired["delta_hi"], 3)],
+            "better": paired["better"], "worse": paired["worse"], "same": paired["same"],
+            "sign_test_p": round(p, 4), "sign_test_mid_p": round(mid_p, 4),
+            "largest_moves_words": [{"clip": i, "fast_minus_exact": d} for d, i in moves[:3] if d],
+            "method": "paired bootstrap over clips (10,000 resamples, seed 0) and the exact two-sided sign test of "
+                      "worse among changed clips; one comparison"}
+
+
+def run_pipeline(ds: Any, device: str) -> dict[str, str]:
     from transformers import pipeline
 
     from mamcli.data import iter_clips
 
-    pipe = pipeline("automatic-speech-recognition", model=str(WHISPER), dtype=torch.float32, device="cpu")
+    pipe = pipeline("automatic-speech-recognition", model=str(WHISPER), dtype=torch.float32, device=device)
     rate = pipe.feature_extractor.sampling_rate
     clips = list(iter_clips(ds, rate))
     texts = pipe([{"raw": c.audio, "sampling_rate": rate} for c in clips],
@@ -174,14 +228,15 @@ def convert_ct2() -> bool:
     return True
 
 
-def timed(method: str, clips: int, threads: int, tmp: Path) -> tuple[float, dict[str, Any]]:
+def timed(method: str, clips: int, threads: int, tmp: Path, device: str) -> tuple[float, dict[str, Any]]:
     """Run one whole command; its wall time and what it wrote."""
     out = tmp / f"{method}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     mam = method in MAM_METHODS
-    cmd = mam_command(method, clips, out) if mam else [sys.executable, __file__, "--worker", method, "--clips",
-                                                       str(clips), "--threads", str(threads), "--out", str(out)]
+    cmd = mam_command(method, clips, out, device) if mam else [
+        sys.executable, __file__, "--worker", method, "--clips", str(clips), "--threads", str(threads), "--out",
+        str(out), "--device", device]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
@@ -190,7 +245,7 @@ def timed(method: str, clips: int, threads: int, tmp: Path) -> tuple[float, dict
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     """Whole commands, alternating rounds, best round per method; hypotheses against the pipeline's; WER gap."""
-    methods = [m for m in METHODS if m != "ct2" or convert_ct2()]
+    methods = [m for m in METHODS if m != "ct2" or (args.device == "cpu" and convert_ct2())]
     best: dict[str, float] = {}
     rounds: dict[str, list[float]] = {m: [] for m in methods}
     texts: dict[str, dict[str, str]] = {}
@@ -198,14 +253,15 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for m in methods if r % 2 == 0 else methods[::-1]:
-                seconds, got = timed(m, args.clips, args.threads, Path(tmp))
+                seconds, got = timed(m, args.clips, args.threads, Path(tmp), args.device)
                 rounds[m].append(round(seconds, 3))
                 texts[m] = got["texts"]
                 print(f"round {r + 1}: {m} {seconds:.1f} s", file=sys.stderr)
         best = {m: min(v) for m, v in rounds.items()}
         ref = texts["pipeline"]
         same = {m: sum(t.get(i) == ref[i] for i in ref) for m, t in texts.items()}
-        long_runs = {m: timed(m, args.wer_clips, args.threads, Path(tmp)) for m in ("exact", "fast", "pipeline")}
+        long_runs = {m: timed(m, args.wer_clips, args.threads, Path(tmp), args.device)
+                     for m in ("exact", "fast", "pipeline")}
         wer = {m: got for m, (_, got) in long_runs.items()}
         long_s = {m: round(seconds, 3) for m, (seconds, _) in long_runs.items()}
     over = {m: round(best["pipeline"] / best[m], 3) for m in methods if m != "pipeline"}
@@ -218,15 +274,17 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "threads": args.threads, "clips": args.clips, "rounds": args.rounds,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "model": "whisper-tiny.en (real weights, fp16 on disk, float32 compute; ct2: int8)", "device": "cpu",
+        "model": "whisper-tiny.en (real weights, fp16 on disk, float32 compute; ct2: int8)", "device": args.device,
         "whole_command_s": {"best": {m: round(v, 3) for m, v in best.items()}, "rounds": rounds},
         "speed_over_pipeline": over, "identical_to_pipeline": {m: f"{n}/{len(ref)}" for m, n in same.items()},
-        "exact": {"is_exact": True, "what": "checkpoint's encoder + greedy loop with a preallocated KV cache"},
-        "fast": {"is_exact": False, "what": "int8 dynamic quantisation of every Linear layer (torch.ao)"},
+        "exact": whisper_engine.describe(fast=False),
+        "fast": (whisper_engine.describe(fast=True) if args.device == "cpu"
+                 else {"engine": "exact", "exact": False, "what": "--dtype float16"}),
         "wer": {"clips": args.wer_clips, "exact": wer["exact"]["wer"], "fast": wer["fast"]["wer"],
                 "fast_minus_exact_pp": gap_pp,
                 "hypotheses_differing": sum(wer["exact"]["texts"][i] != wer["fast"]["texts"][i]
-                                            for i in wer["exact"]["texts"])},
+                                            for i in wer["exact"]["texts"]),
+                "fast_against_exact": fast_against_exact(wer["fast"], wer["exact"])},
         "whole_command_s_at_wer_clips": {"clips": args.wer_clips, "rounds": 1, "seconds": long_s,
                                          "speed_over_pipeline": {m: round(long_s["pipeline"] / long_s[m], 3)
                                                                  for m in ("exact", "fast")},
@@ -283,18 +341,21 @@ def main() -> None:
     ap.add_argument("--wer-clips", type=int, default=385)
     ap.add_argument("--part", choices=("speed", "sweep", "all"), default="speed",
                     help="speed: issue 26 (the default); sweep: the issue-12 sweep benchmark (24 clips, 5 points)")
+    ap.add_argument("--device", default="cpu", help="cpu (the default) or cuda: the pipeline and mam on it; on "
+                    "cuda the fast row is --dtype float16 and CTranslate2 is left out")
     ap.add_argument("--worker", choices=[m for m in METHODS if m not in MAM_METHODS], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        worker(args.worker, args.clips, args.out)
+        worker(args.worker, args.clips, args.out, args.device)
         return
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     if args.part in ("speed", "all"):
         report = speed(args)
-        (results / "whisper_speed.json").write_text(json.dumps(report, indent=2) + "\n")
+        name = "whisper_speed.json" if args.device == "cpu" else f"whisper_speed_{args.device}.json"
+        (results / name).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({k: report[k] for k in ("whole_command_s", "speed_over_pipeline", "identical_to_pipeline",
                                                  "wer", "met")}, indent=2))
     if args.part in ("sweep", "all"):
