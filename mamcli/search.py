@@ -428,6 +428,7 @@ def _setup(ev: Evaluator, target: Checkpoint, sources: list[Checkpoint], eval_op
                                                              "task": eval_opts.task, "dtype": eval_opts.dtype,
                                                              "batch_size": ev.batch_size,
                                                              "device": str(ev.am.model.device.type)},
+                "task": ev.task.describe(),  # how it predicts: a changed engine (Whisper's --fast) is another model
                 "parts": list(opts.parts), "bias": opts.bias, "layer_map": opts.layer_map, "clip_ids": CLIP_IDS,
                 **{f"source:{s.spec}": _fingerprint(s) for s in sources}}
     setup = _Setup(target, sources, merger, {}, eval_opts, opts, base_key)
