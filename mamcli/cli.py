@@ -81,8 +81,9 @@ AlignOpt = Annotated[str, typer.Option("--align", callback=_align,
                                        "| PATH/mam_align.json to replay (docs/align.md).")]
 
 
-FastOpt = Annotated[bool, typer.Option("--fast", help="Whisper on CPU: int8 dynamic quantisation of the Linear "
-                                      "layers, greedy only; faster, NOT exact (hypotheses differ on some clips).")]
+FastOpt = Annotated[bool, typer.Option("--fast", help="Whisper on CPU: int8 Linear layers (bfloat16 encoder attention "
+                                      "where the CPU has it), greedy only; faster, NOT exact (hypotheses differ on "
+                                      "some clips).")]
 
 
 def _choices(name: str, *values: str) -> Any:
