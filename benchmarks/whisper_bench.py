@@ -92,6 +92,10 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
         "projection 0.52 ms against 1.43). On 385 clips it changed 33 normalised hypotheses against torch.ao's 62 "
         "but WER +0.39 pp (one clip +17 words); a float32 decoder changed 18, WER -0.36 pp (one clip -24 words), "
         "and took 92 s against 74 (385 clips, one round each)"),
+    "not kept (fast): weight-only int8 in the decoder (torch._weight_int8pack_mm)": (
+        "no activation rounding, but slower than fbgemm at a step's shapes: with bf16 activations 0.069 ms against "
+        "0.036 at 8 × 384 × 1536 and 2.63 ms against 0.72 for the output projection; with float32 ones 20-90× "
+        "slower"),
     "not kept (exact): ended rows swapped out instead of the batch compacted": (
         "copying one row per ended row into the hole instead of the live rows: 16 LJ clips decoded in 1.42-1.49 s "
         "against 1.30-1.41 (exact, 2 threads, two tries each)"),
