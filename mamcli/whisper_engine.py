@@ -156,10 +156,11 @@ def quantized(model: Any) -> Any:
         m.__dict__.pop("forward", None)
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
-    enc = copy.get_encoder()
+    enc = copy.get_encoder()  # runs through encode_fast only: its query, key and value are ``qkv`` alone
     for layer in enc.layers:
         attn = layer.self_attn
         attn.qkv = Int8Linear.stacked([attn.q_proj, attn.k_proj, attn.v_proj])
+        del attn.q_proj, attn.k_proj, attn.v_proj
     for m in list(enc.modules()):
         for name, child in list(m.named_children()):
             if type(child) is torch.nn.Linear:
