@@ -92,6 +92,10 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
         "projection 0.52 ms against 1.43). On 385 clips it changed 33 normalised hypotheses against torch.ao's 62 "
         "but WER +0.39 pp (one clip +17 words); a float32 decoder changed 18, WER -0.36 pp (one clip -24 words), "
         "and took 92 s against 74 (385 clips, one round each)"),
+    "not kept (fast): the decoder's cross-attention keys and values in per-row int8": (
+        "their error from float32 falls from 4-5 % to 1.4-1.6 % (relative, 8 LJ clips), but 8 clips' 12,000 rows "
+        "took 25-33 ms against fbgemm's 11.5-12.3 for a layer's keys and values; split into row chunks 7.3-12 ms "
+        "against 6-7 for one product: no faster, and the allocator's page faults make it noisy"),
     "not kept (fast): weight-only int8 in the decoder (torch._weight_int8pack_mm)": (
         "no activation rounding, but slower than fbgemm at a step's shapes: with bf16 activations 0.069 ms against "
         "0.036 at 8 × 384 × 1536 and 2.63 ms against 0.72 for the output projection; with float32 ones 20-90× "
