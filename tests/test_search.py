@@ -155,6 +155,19 @@ def test_resume_reuses_every_clip(control):
     assert again["test"] == first["test"] and again["rounds"] == first["rounds"]
 
 
+def test_a_task_that_predicts_differently_reuses_nothing(control, monkeypatch):
+    """The clip cache is keyed by the task's description: when how it predicts changes (Whisper's --fast engine
+    did), predictions cached before must not come back."""
+    from mamcli.tasks.classify import Classify
+
+    first = _search(control, seed=12, lams=[0.5], layers=["all"])
+    described = Classify.describe
+    monkeypatch.setattr(Classify, "describe", lambda self: {**described(self), "engine": "another"})
+    again = _search(control, seed=12, lams=[0.5], layers=["all"])
+    assert first["cost"]["clip_evaluations"] > 0 and again["cost"]["reused_from_cache"] == 0
+    assert again["cost"]["clip_evaluations"] == first["cost"]["clip_evaluations"]
+
+
 def test_write_on_helps_is_mam_merge(control, tmp_path, mam):
     rep = _search(control, lams=[0.5], layers=["all"])
     target, source = control[0], control[1]
