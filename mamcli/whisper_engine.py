@@ -121,10 +121,12 @@ def describe(fast: bool) -> dict[str, Any]:
     """The decoding engine for a report: whether its hypotheses are exact (what ``generate()`` gives) or not."""
     if fast:
         bf16 = bf16_native()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decoder = "torch.ao dynamic quantisation" if _ao_quantize_dynamic() else "the same"
         return {"engine": "fast", "exact": False, "bfloat16": bf16,
-                "what": "int8 Linear layers (encoder: a scale per activation row and per weight row; decoder: "
-                        "torch.ao dynamic quantisation)" + (", encoder convolutions and self-attention in bfloat16"
-                                                           if bf16 else "") +
+                "what": f"int8 Linear layers (encoder: a scale per activation row and per weight row; decoder: "
+                        f"{decoder})" + (", encoder convolutions and self-attention in bfloat16" if bf16 else "") +
                         "; hypotheses differ from exact on some clips"}
     return {"engine": "exact", "exact": True,
             "what": "the checkpoint's encoder, then greedy decoding with a preallocated key/value cache "
@@ -144,8 +146,9 @@ def quantized(model: Any) -> Any:
     """The fast copy of ``model``, cached until its weights change: the encoder's Linear layers as
     :class:`~mamcli.int8.Int8Linear` (each layer's query, key and value stacked into one, ``qkv``) and, on a CPU
     that multiplies bfloat16 natively, its convolutions in bf16; the decoder's Linear layers dynamically
-    quantised by torch.ao. The decoder's products have a few rows per step, where fbgemm's fused kernel is the
-    faster (8 × 384 × 384: 0.033 ms against 0.049) and one scale per step costs little accuracy.
+    quantised by torch.ao where torch still has it (:func:`_ao_quantize_dynamic`). The decoder's products have
+    a few rows per step, where fbgemm's fused kernel is the faster (8 × 384 × 384: 0.033 ms against 0.049) and
+    one scale per step costs little accuracy.
 
     The copy drops forward hooks and patched ``forward`` methods (a sweep's prefix cache), so it always computes."""
     key = _fingerprint(model)
@@ -161,18 +164,37 @@ def quantized(model: Any) -> Any:
         attn = layer.self_attn
         attn.qkv = Int8Linear.stacked([attn.q_proj, attn.k_proj, attn.v_proj])
         del attn.q_proj, attn.k_proj, attn.v_proj
-    for m in list(enc.modules()):
-        for name, child in list(m.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(m, name, Int8Linear.of(child))
+    _to_int8(enc)
     if bf16_native():
         enc.conv1.bfloat16()
         enc.conv2.bfloat16()
     with warnings.catch_warnings():  # torch.ao's deprecation notice, on every run, is not the user's to act on
-        warnings.simplefilter("ignore", UserWarning)
-        copy = torch.ao.quantization.quantize_dynamic(copy, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        warnings.simplefilter("ignore")
+        quantize_dynamic = _ao_quantize_dynamic()
+        if quantize_dynamic is not None:
+            copy = quantize_dynamic(copy, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    if quantize_dynamic is None:
+        _to_int8(copy)
     _QUANTIZED[:] = [(weakref.ref(model), key, copy)]  # one model at a time: a sweep's earlier points are done
     return copy
+
+
+def _to_int8(module: torch.nn.Module) -> None:
+    """Every ``torch.nn.Linear`` inside ``module`` replaced by its :class:`~mamcli.int8.Int8Linear`."""
+    for m in list(module.modules()):
+        for name, child in list(m.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(m, name, Int8Linear.of(child))
+
+
+def _ao_quantize_dynamic() -> Any:
+    """torch.ao's ``quantize_dynamic``, or None from a torch that has dropped it (torch deprecates torch.ao); the
+    fast decoder then takes :class:`~mamcli.int8.Int8Linear` too, slower at its few rows but the same kind."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:
+        return None
+    return quantize_dynamic
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -5,6 +5,8 @@ weight changes, and its encoder (int8, bfloat16 where the CPU has it) stays near
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,19 @@ def test_fast_mode_runs_is_not_exact_and_follows_weight_changes(tiny_am):
     finally:
         with torch.no_grad():
             param.copy_(original)
+
+
+def test_fast_mode_without_torch_ao_takes_per_row_int8_throughout(tiny_am, monkeypatch):
+    """torch deprecates torch.ao's quantisation: on a torch without it, the decoder takes mamcli.int8 too."""
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # ``from torch.ao.quantization import`` fails
+    monkeypatch.setattr(whisper_engine, "_QUANTIZED", [])
+    q = whisper_engine.quantized(tiny_am.model)
+    assert isinstance(q.model.decoder.layers[0].self_attn.q_proj, Int8Linear)
+    assert isinstance(q.proj_out, Int8Linear)
+    assert "decoder: the same" in whisper_engine.describe(fast=True)["what"]
+    inputs = _noise(tiny_am, [2.0, 1.0])
+    out = whisper_engine.generate(tiny_am, inputs, tiny_am.task.prompt, fast=True, max_new_tokens=5, num_beams=1)
+    assert out.shape == (2, 5) and out.dtype == torch.long
 
 
 @pytest.mark.parametrize("bf16", [True, False])
