@@ -21,12 +21,14 @@ the shared LJ Speech subset, resampled to 16 kHz by mam's reader for every metho
    (absolute) of exact.
    On a GPU (``--device cuda``, issue 26's item 3): the pipeline and mam on it, exact as ``--dtype float32``, the fast
    row as ``--dtype float16`` (``--fast`` is CPU-only), no CTranslate2 row; results in whisper_speed_cuda.json.
-2. sweep (issue 12, ``--part sweep``): N λ points of MiniLM → whisper-tiny.en on encoder layers 2-3 in one ``sweep``
+2. fidelity (``--part fidelity``): ``mam evaluate`` exact and ``--fast`` on FSDD's 3000 spoken digits, the paired
+   comparison as above on eight times LJ's clips. Results: benchmarks/results/whisper_fast_fsdd.json.
+3. sweep (issue 12, ``--part sweep``): N λ points of MiniLM → whisper-tiny.en on encoder layers 2-3 in one ``sweep``
    call against N separate evaluations; target ≤ 0.5 · N evaluations. Results: benchmarks/results/whisper_bench.json.
 
 What was measured and not kept, and what was not tried, is written into the results (LEVERS).
 Usage: python benchmarks/whisper_bench.py [--clips 60] [--rounds 2] [--threads 2] [--wer-clips 385]
-       [--part speed|sweep|all] [--device cpu|cuda]
+       [--part speed|fidelity|sweep|all] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = ROOT.parent / "shared"
 LJ = f"ljspeech:{SHARED}/data/ljspeech-385/LJSpeech-1.1"
+FSDD = f"fsdd:{SHARED}/data/fsdd/recordings"
 WHISPER = SHARED / "models" / "whisper-tiny.en"
 MINILM = ROOT / ".cache" / "models" / "all-MiniLM-L6-v2"
 CT2_DIR = ROOT / ".cache" / "ct2" / "whisper-tiny.en"
@@ -146,14 +149,14 @@ def worker(method: str, clips: int, out: Path, device: str) -> None:
     out.write_text(json.dumps({"texts": texts}))
 
 
-def mam_command(method: str, clips: int, out: Path, device: str) -> list[str]:
+def mam_command(method: str, clips: int, out: Path, device: str, data: str = LJ) -> list[str]:
     """``mam evaluate`` itself, as a user types it; the report goes to ``out``. The fast row is ``--fast`` on CPU;
     on a GPU, where ``--fast`` is refused, it is ``--dtype float16`` (not exact either) and exact is float32."""
     if device == "cpu":
         options = ["--fast"] if method == "fast" else []
     else:
         options = ["--device", device, "--dtype", "float16" if method == "fast" else "float32"]
-    return [str(Path(sys.executable).with_name("mam")), "evaluate", str(WHISPER), "--data", LJ, "--limit", str(clips),
+    return [str(Path(sys.executable).with_name("mam")), "evaluate", str(WHISPER), "--data", data, "--limit", str(clips),
             "--format", "json", "-o", str(out), *options]
 
 
@@ -236,13 +239,14 @@ def convert_ct2() -> bool:
     return True
 
 
-def timed(method: str, clips: int, threads: int, tmp: Path, device: str) -> tuple[float, dict[str, Any]]:
-    """Run one whole command; its wall time and what it wrote."""
+def timed(method: str, clips: int, threads: int, tmp: Path, device: str,
+          data: str = LJ) -> tuple[float, dict[str, Any]]:
+    """Run one whole command on ``data`` (mam's methods; the others read LJ); its wall time and what it wrote."""
     out = tmp / f"{method}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     mam = method in MAM_METHODS
-    cmd = mam_command(method, clips, out, device) if mam else [
+    cmd = mam_command(method, clips, out, device, data) if mam else [
         sys.executable, __file__, "--worker", method, "--clips", str(clips), "--threads", str(threads), "--out",
         str(out), "--device", device]
     t0 = time.perf_counter()
@@ -306,6 +310,20 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def fidelity(args: argparse.Namespace) -> dict[str, Any]:
+    """Fast against exact on FSDD's 3000 spoken digits (one word each, 6 speakers, 8 kHz): eight times LJ's clips,
+    so a narrower paired interval than the 385 LJ clips give, on other speakers and recordings."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {m: timed(m, 3000, args.threads, Path(tmp), args.device, FSDD) for m in MAM_METHODS}
+    got = {m: r for m, (_, r) in runs.items()}
+    return {"benchmark": "whisper --fast against exact, FSDD", "date": time.strftime("%Y-%m-%d"),
+            "data": "FSDD, all 3000 clips", "threads": args.threads, "fast": whisper_engine.describe(fast=True),
+            "wer": {m: got[m]["wer"] for m in MAM_METHODS},
+            "hit_token_bound": {m: got[m]["hit_token_bound"] for m in MAM_METHODS},
+            "fast_against_exact": fast_against_exact(got["fast"], got["exact"]),
+            "whole_command_s": {m: round(seconds, 3) for m, (seconds, _) in runs.items()}}
+
+
 def sweep_bench(clips: int, points: int) -> dict[str, Any]:
     """Issue 12: one ``sweep`` call for ``points`` λ values against as many separate evaluations."""
     from mamcli.checkpoint import resolve
@@ -347,8 +365,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wer-clips", type=int, default=385)
-    ap.add_argument("--part", choices=("speed", "sweep", "all"), default="speed",
-                    help="speed: issue 26 (the default); sweep: the issue-12 sweep benchmark (24 clips, 5 points)")
+    ap.add_argument("--part", choices=("speed", "fidelity", "sweep", "all"), default="speed",
+                    help="speed: issue 26 (the default); fidelity: fast against exact on FSDD's 3000 clips; sweep: "
+                         "the issue-12 sweep benchmark (24 clips, 5 points)")
     ap.add_argument("--device", default="cpu", help="cpu (the default) or cuda: the pipeline and mam on it; on "
                     "cuda the fast row is --dtype float16 and CTranslate2 is left out")
     ap.add_argument("--worker", choices=[m for m in METHODS if m not in MAM_METHODS], help=argparse.SUPPRESS)
@@ -366,6 +385,10 @@ def main() -> None:
         (results / name).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({k: report[k] for k in ("whole_command_s", "speed_over_pipeline", "identical_to_pipeline",
                                                  "wer", "met")}, indent=2))
+    if args.part in ("fidelity", "all"):
+        fid = fidelity(args)
+        (results / "whisper_fast_fsdd.json").write_text(json.dumps(fid, indent=2) + "\n")
+        print(json.dumps({k: fid[k] for k in ("wer", "fast_against_exact")}, indent=2))
     if args.part in ("sweep", "all"):
         swept = sweep_bench(24, 5)
         (results / "whisper_bench.json").write_text(json.dumps(swept, indent=2) + "\n")
