@@ -30,11 +30,11 @@ class Int8Linear(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        w = weight.detach().float()
-        self.register_buffer("scale", w.abs().amax(1).clamp_min(_TINY) / 127)  # (out,)
-        self.register_buffer("weight_t", torch.round(w / self.scale[:, None]).to(torch.int8).T.contiguous())
+        q, scale = quantize_rows(weight.detach().float())  # a weight row is an output channel
+        self.register_buffer("scale", scale[:, 0])  # (out,)
+        self.register_buffer("weight_t", q.T.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
 
     @classmethod
     def of(cls, linear: torch.nn.Linear) -> Int8Linear:

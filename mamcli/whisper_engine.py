@@ -171,10 +171,10 @@ def quantized(model: Any) -> Any:
     with warnings.catch_warnings():  # torch.ao's deprecation notice, on every run, is not the user's to act on
         warnings.simplefilter("ignore")
         quantize_dynamic = _ao_quantize_dynamic()
-        if quantize_dynamic is not None:
+        if quantize_dynamic is None:
+            _to_int8(copy)
+        else:
             copy = quantize_dynamic(copy, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    if quantize_dynamic is None:
-        _to_int8(copy)
     _QUANTIZED[:] = [(weakref.ref(model), key, copy)]  # one model at a time: a sweep's earlier points are done
     return copy
 
