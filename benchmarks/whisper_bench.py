@@ -175,7 +175,7 @@ def read_mam(out: Path) -> dict[str, Any]:
 def fast_against_exact(fast: dict[str, Any], exact: dict[str, Any]) -> dict[str, Any]:
     """Fast minus exact on the same clips: the pooled WER difference with its paired bootstrap interval, the exact
     sign test over the clips whose errors changed, and the clips that moved WER most (one looping clip can)."""
-    from mamcli.stats import binomial_two_sided, paired_bootstrap
+    from mamcli.stats import binomial_two_sided, method, paired_bootstrap
 
     ids = list(exact["counts"])
     paired = paired_bootstrap([fast["counts"][i] for i in ids], [exact["counts"][i] for i in ids])
@@ -186,8 +186,8 @@ def fast_against_exact(fast: dict[str, Any], exact: dict[str, Any]) -> dict[str,
             "better": paired["better"], "worse": paired["worse"], "same": paired["same"],
             "sign_test_p": round(p, 4), "sign_test_mid_p": round(mid_p, 4),
             "largest_moves_words": [{"clip": i, "fast_minus_exact": d} for d, i in moves[:3] if d],
-            "method": "paired bootstrap over clips (10,000 resamples, seed 0) and the exact two-sided sign test of "
-                      "worse among changed clips; one comparison"}
+            "method": f"{method(classification=False)}, seed {paired['seed']}; the exact two-sided sign test of "
+                      "worse among the clips that changed; one comparison"}
 
 
 def run_pipeline(ds: Any, device: str) -> dict[str, str]:
