@@ -81,9 +81,9 @@ AlignOpt = Annotated[str, typer.Option("--align", callback=_align,
                                        "| PATH/mam_align.json to replay (docs/align.md).")]
 
 
-FastOpt = Annotated[bool, typer.Option("--fast", help="Whisper on CPU: int8 Linear layers (bfloat16 encoder attention "
-                                      "where the CPU has it), greedy only; faster, NOT exact (hypotheses differ on "
-                                      "some clips).")]
+FastOpt = Annotated[bool, typer.Option("--fast", help="Whisper on CPU: int8 encoder, float32 decoder whose next word "
+                                      "int8 shortlists (bfloat16 where the CPU has it), greedy only; faster, NOT "
+                                      "exact (hypotheses differ on some clips).")]
 
 
 def _choices(name: str, *values: str) -> Any:

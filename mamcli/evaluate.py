@@ -58,7 +58,7 @@ class EvalOptions:
     beams: int = 1  # sequence-to-sequence: 1 is greedy decoding, more is beam search
     language: str | None = None  # multilingual Whisper: the language to transcribe (default: detected)
     dtype: str | None = None  # compute dtype (--dtype); None: float32 on CPU, the stored dtype on a GPU
-    fast: bool = False  # Whisper on CPU: int8 Linear layers, greedy only; NOT exact (mamcli.whisper_engine)
+    fast: bool = False  # Whisper on CPU: int8 encoder, float32 decoder, greedy only; NOT exact (mamcli.whisper_engine)
 
     def task_options(self) -> TaskOptions:
         return TaskOptions(beams=self.beams, language=self.language, normalizer=self.normalizer,

@@ -12,9 +12,11 @@ rounding (SDPA here). Beam search, and multilingual prompts whose language is de
 
 The fast mode (``fast=True``) is NOT exact: a copy of the model (:func:`quantized`) whose encoder runs its
 Linear layers in int8 with a scale per activation row (:mod:`mamcli.int8`), and on CPUs that multiply bfloat16
-natively its convolutions and self-attention in bf16 (:func:`encode_fast`); the same greedy loop then runs over
-the decoder's Linear layers dynamically quantised by torch.ao (int8 weights, one activation scale per step). Its
-hypotheses differ from the exact ones on some clips; benchmarks/whisper_bench.py measures its speed and its WER
+natively its convolutions and self-attention in bf16 (:func:`encode_fast`). The same greedy loop then runs the
+decoder's float32 layers; on such CPUs its cross-attention keys and values are computed and kept in bf16 (a
+step's largest read), and the output projection ranks the vocabulary in int8 and scores its 16 best words again in
+float32 (:class:`~mamcli.int8.ShortlistArgmax`), so each step picks float32's word for the states it has. Fast
+mode's hypotheses differ from the exact ones on some clips; benchmarks/whisper_bench.py measures its speed and its WER
 against exact mode. The copy is rebuilt whenever the model's weights change (a
 sweep's merge points write them in place), and is built without the model's hooks, so a sweep's prefix cache
 does not replay into it. Encoding less than the 30-s window (whisper.cpp's ``audio_ctx``) was measured and
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from copy import deepcopy
 from typing import Any
 
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mamcli.errors import MamError
-from mamcli.int8 import Int8Linear
+from mamcli.int8 import Int8Linear, ShortlistArgmax, stack_linears
 
 # The encoder runs on the 30-s window whatever the clip, so its products are large at any batch size; two clips
 # at a time keep its activations in cache: 16 LJ clips in 3.55 s against 4.0-4.1 s as one batch of 8 (2 threads,
@@ -49,8 +52,8 @@ def generate(am: Any, inputs: dict[str, torch.Tensor], prompt: list[int | None],
 
     ``prompt``: the task's decoder prompt (``Seq2Seq.prompt``: it already holds what ``task``, ``language`` and
     ``return_timestamps=False`` ask for; None where the language is detected per clip). ``kwargs``: generate's.
-    Beam search, sampling or language detection go to ``generate`` itself. ``fast``: int8 Linear layers (the
-    module's docstring); not exact."""
+    Beam search, sampling or language detection go to ``generate`` itself. ``fast``: an int8 encoder and a float32
+    decoder whose words int8 shortlists (the module's docstring); not exact."""
     greedy_ok = kwargs.get("num_beams", 1) == 1 and not kwargs.get("do_sample") and None not in prompt
     if fast and not greedy_ok:
         raise MamError("--fast decodes greedily with a known decoder prompt: leave --beams out, and give --language "
@@ -121,13 +124,14 @@ def describe(fast: bool) -> dict[str, Any]:
     """The decoding engine for a report: whether its hypotheses are exact (what ``generate()`` gives) or not."""
     if fast:
         bf16 = bf16_native()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            decoder = "torch.ao dynamic quantisation" if _ao_quantize_dynamic() else "the same"
+        kernel = "torch.ao" if _ao_int8() else "mamcli.int8"
         return {"engine": "fast", "exact": False, "bfloat16": bf16,
-                "what": f"int8 Linear layers (encoder: a scale per activation row and per weight row; decoder: "
-                        f"{decoder})" + (", encoder convolutions and self-attention in bfloat16" if bf16 else "") +
-                        "; hypotheses differ from exact on some clips"}
+                "what": "encoder: int8 Linear layers (a scale per activation row and per weight row)" +
+                        (", convolutions and self-attention in bfloat16" if bf16 else "") +
+                        "; decoder: float32 layers" +
+                        (", cross-attention keys and values in bfloat16" if bf16 else "") +
+                        f", next word ranked in int8 ({kernel}) and its 16 best scored again in float32; hypotheses "
+                        "differ from exact on some clips"}
     return {"engine": "exact", "exact": True,
             "what": "the checkpoint's encoder, then greedy decoding with a preallocated key/value cache "
                     "(beam search and language detection: generate())"}
@@ -145,10 +149,10 @@ def _fingerprint(model: Any) -> tuple[tuple[int, int], ...]:
 def quantized(model: Any) -> Any:
     """The fast copy of ``model``, cached until its weights change: the encoder's Linear layers as
     :class:`~mamcli.int8.Int8Linear` (each layer's query, key and value stacked into one, ``qkv``) and, on a CPU
-    that multiplies bfloat16 natively, its convolutions in bf16; the decoder's Linear layers dynamically
-    quantised by torch.ao where torch still has it (:func:`_ao_quantize_dynamic`). The decoder's products have
-    a few rows per step, where fbgemm's fused kernel is the faster (8 × 384 × 384: 0.033 ms against 0.049) and
-    one scale per step costs little accuracy.
+    that multiplies bfloat16 natively, its convolutions in bf16 and each decoder layer's cross-attention keys and
+    values as one bf16 product (``kv``); the output projection as a :class:`~mamcli.int8.ShortlistArgmax`. The
+    decoder's other layers stay float32: int8 ones (torch.ao, one activation scale per step) changed 18 of 60 LJ
+    hypotheses against 4 (the same fast encoder states), because a step's word turns on small differences.
 
     The copy drops forward hooks and patched ``forward`` methods (a sweep's prefix cache), so it always computes."""
     key = _fingerprint(model)
@@ -168,13 +172,12 @@ def quantized(model: Any) -> Any:
     if bf16_native():
         enc.conv1.bfloat16()
         enc.conv2.bfloat16()
-    with warnings.catch_warnings():  # torch.ao's deprecation notice, on every run, is not the user's to act on
-        warnings.simplefilter("ignore")
-        quantize_dynamic = _ao_quantize_dynamic()
-        if quantize_dynamic is None:
-            _to_int8(copy)
-        else:
-            copy = quantize_dynamic(copy, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        for layer in copy.get_decoder().layers:  # read by _cross only
+            attn = layer.encoder_attn
+            attn.kv = stack_linears([attn.k_proj, attn.v_proj]).bfloat16()
+            del attn.k_proj, attn.v_proj
+    int8 = _ao_int8() or Int8Linear.of
+    copy.proj_out = ShortlistArgmax(copy.proj_out, int8(copy.proj_out))
     _QUANTIZED[:] = [(weakref.ref(model), key, copy)]  # one model at a time: a sweep's earlier points are done
     return copy
 
@@ -187,14 +190,24 @@ def _to_int8(module: torch.nn.Module) -> None:
                 setattr(m, name, Int8Linear.of(child))
 
 
-def _ao_quantize_dynamic() -> Any:
-    """torch.ao's ``quantize_dynamic``, or None from a torch that has dropped it (torch deprecates torch.ao); the
-    fast decoder then takes :class:`~mamcli.int8.Int8Linear` too, slower at its few rows but the same kind."""
+def _ao_int8() -> Callable[[torch.nn.Linear], torch.nn.Module] | None:
+    """torch.ao's dynamic int8 version of a Linear layer (a scale per weight row, one per input), or None from a
+    torch that has dropped torch.ao's quantisation (torch deprecates it); :class:`~mamcli.int8.Int8Linear` then
+    ranks instead. At the output projection's few rows per step fbgemm's kernel is the faster: 0.4-0.6 ms
+    against 0.9-2.7 for ``torch._int_mm`` and 3-6 in float32 (1-8 rows, 2 threads)."""
     try:
-        from torch.ao.quantization import quantize_dynamic
+        with warnings.catch_warnings():  # torch.ao's deprecation notice, on every run, is not the user's to act on
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError:
         return None
-    return quantize_dynamic
+
+    def int8(linear: torch.nn.Linear) -> torch.nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                    dtype=torch.qint8)[0]
+    return int8
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -203,11 +216,26 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, -1).transpose(1, 2)
 
 
+def _cross(attn: Any, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's cross-attention keys and values, (batch, heads, frames, width / heads), contiguous (the
+    products would otherwise copy them, a step's bulk, every step). Fast mode's copy on a bf16 CPU has them as one
+    bf16 product, ``kv``: half the bytes to read at every step."""
+    kv = getattr(attn, "kv", None)
+    if kv is None:
+        k, v = attn.k_proj(hidden), attn.v_proj(hidden)
+    else:
+        k, v = kv(hidden.to(kv.weight.dtype)).split(hidden.shape[-1], dim=-1)
+    return _heads(k, attn.num_heads).contiguous(), _heads(v, attn.num_heads).contiguous()
+
+
 def _attend(attn: Any, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """Whisper attention with given keys/values: the query is scaled before the product, as the model does.
-    One query per row: two batched products (SDPA's CPU kernel is 3× slower at this shape), else SDPA."""
+    One query per row: two batched products (SDPA's CPU kernel is 3× slower at this shape), else SDPA. Keys and
+    values in bf16 (fast mode's cross-attention): the products in bf16, the softmax in float32."""
     q = _heads(attn.q_proj(x) * attn.scaling, attn.num_heads)
-    if x.shape[1] == 1:
+    if k.dtype != q.dtype:
+        out = (torch.softmax((q.to(k.dtype) @ k.transpose(-1, -2)).float(), dim=-1).to(v.dtype) @ v).float()
+    elif x.shape[1] == 1:
         out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
@@ -227,9 +255,7 @@ def greedy(model: Any, hidden: torch.Tensor, prompt: list[int], max_new_tokens: 
     pad = gen.pad_token_id if gen.pad_token_id is not None else eos
     batch, total = hidden.shape[0], len(prompt) + max_new_tokens
     heads, width = dec.layers[0].self_attn.num_heads, hidden.shape[-1]
-    # contiguous: the products would otherwise copy the cross-attention keys/values (a step's bulk) every step
-    cross = [(_heads(layer.encoder_attn.k_proj(hidden), heads).contiguous(),
-              _heads(layer.encoder_attn.v_proj(hidden), heads).contiguous()) for layer in dec.layers]
+    cross = [_cross(layer.encoder_attn, hidden) for layer in dec.layers]
     cache = hidden.new_empty(len(dec.layers), 2, batch, heads, total, width // heads)
     vocab = model.proj_out.out_features
     suppress = _mask(gen.suppress_tokens, vocab, hidden.device)
@@ -247,8 +273,7 @@ def greedy(model: Any, hidden: torch.Tensor, prompt: list[int], max_new_tokens: 
             x = x + _attend(layer.self_attn, h, cache[i, 0, :, :, :end], cache[i, 1, :, :, :end], end - start > 1)
             x = x + _attend(layer.encoder_attn, layer.encoder_attn_layer_norm(x), *cross[i], False)
             x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
-        logits = _logits(model.proj_out, dec.layer_norm(x[:, -1]))
-        token = logits.masked_fill(begin if step == 0 else suppress, -math.inf).argmax(-1)
+        token = _next_word(model.proj_out, dec.layer_norm(x[:, -1]), begin if step == 0 else suppress)
         seqs[rows, end] = token
         start, end = end, end + 1
         going = token != eos
@@ -260,13 +285,19 @@ def greedy(model: Any, hidden: torch.Tensor, prompt: list[int], max_new_tokens: 
     return _as_generate(seqs[:, len(prompt):end], eos, pad)
 
 
-def _logits(proj: Any, x: torch.Tensor) -> torch.Tensor:
+def _next_word(proj: Any, x: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """Greedy's word for each row of ``x``: the best of ``proj(x)`` outside ``banned``. Fast mode's projection
+    (:class:`~mamcli.int8.ShortlistArgmax`) finds it itself."""
+    if isinstance(proj, ShortlistArgmax):
+        return proj(x, banned)
+    return _logits(proj, x).masked_fill(banned, -math.inf).argmax(-1)
+
+
+def _logits(proj: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``proj(x)`` for the output projection, a few rows against the whole vocabulary (Whisper's is 51,864 × 384,
     80 MB in float32, read once per step). MKL's kernel for ``F.linear`` at this shape runs at a third of the
     memory's speed; ``W @ x.T`` runs near it from two rows up (one thread, a batch of 8: 9.4 ms against 14.9 ms),
-    so a lone row is paired with itself. The int8 copy's quantised layer keeps its own kernel."""
-    if type(proj) is not torch.nn.Linear:
-        return proj(x)
+    so a lone row is paired with itself."""
     pair = x if x.shape[0] > 1 else x.repeat(2, 1)
     out = (proj.weight @ pair.T).T[:x.shape[0]]
     return out if proj.bias is None else out + proj.bias

@@ -1,7 +1,8 @@
 """The Whisper engine: its exact greedy loop gives generate()'s token ids (tiny random Whisper and the real
 whisper-tiny.en), also when rows end at different steps, stops at the token bound, hands beams to generate(); the
 encoder runs two clips at a time unless someone watches it; the fast mode runs, says it is not exact, follows
-weight changes, and its encoder (int8, bfloat16 where the CPU has it) stays near the exact one."""
+weight changes, its encoder (int8, bfloat16 where the CPU has it) stays near the exact one, and its decoder picks
+the exact loop's words from the same encoder states (float32 layers, where keys and values stay float32)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from mamcli import whisper_engine
 from mamcli.checkpoint import resolve
 from mamcli.data import iter_clips, load_dataset
 from mamcli.errors import MamError
-from mamcli.int8 import Int8Linear
+from mamcli.int8 import Int8Linear, ShortlistArgmax
 from mamcli.models import load_audio_model
 
 SHORT = ("LJ001-0008", "LJ002-0020", "LJ001-0006")  # 1.8 s, 1.5 s and 5.7 s of real speech
@@ -103,7 +104,10 @@ def test_fast_mode_runs_is_not_exact_and_follows_weight_changes(tiny_am):
     q = whisper_engine.quantized(tiny_am.model)
     assert isinstance(q.model.encoder.layers[0].self_attn.qkv, Int8Linear)
     assert isinstance(q.model.encoder.layers[0].fc1, Int8Linear)
-    assert isinstance(q.model.decoder.layers[0].self_attn.q_proj, torch.ao.nn.quantized.dynamic.Linear)
+    assert type(q.model.decoder.layers[0].self_attn.q_proj) is torch.nn.Linear  # the decoder's layers: float32
+    assert type(q.model.decoder.layers[0].fc1) is torch.nn.Linear
+    assert isinstance(q.proj_out, ShortlistArgmax)
+    assert isinstance(q.proj_out.ranker, torch.ao.nn.quantized.dynamic.Linear)
     assert whisper_engine.quantized(tiny_am.model) is q  # unchanged weights: the same copy
     param = tiny_am.model.model.encoder.layers[0].self_attn.q_proj.weight
     original = param.detach().clone()
@@ -119,14 +123,14 @@ def test_fast_mode_runs_is_not_exact_and_follows_weight_changes(tiny_am):
             param.copy_(original)
 
 
-def test_fast_mode_without_torch_ao_takes_per_row_int8_throughout(tiny_am, monkeypatch):
-    """torch deprecates torch.ao's quantisation: on a torch without it, the decoder takes mamcli.int8 too."""
+def test_fast_mode_without_torch_ao_ranks_words_with_mamcli_int8(tiny_am, monkeypatch):
+    """torch deprecates torch.ao's quantisation: on a torch without it, the output projection ranks in
+    mamcli.int8."""
     monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # ``from torch.ao.quantization import`` fails
     monkeypatch.setattr(whisper_engine, "_QUANTIZED", [])
     q = whisper_engine.quantized(tiny_am.model)
-    assert isinstance(q.model.decoder.layers[0].self_attn.q_proj, Int8Linear)
-    assert isinstance(q.proj_out, Int8Linear)
-    assert "decoder: the same" in whisper_engine.describe(fast=True)["what"]
+    assert isinstance(q.proj_out.ranker, Int8Linear)
+    assert "ranked in int8 (mamcli.int8)" in whisper_engine.describe(fast=True)["what"]
     inputs = _noise(tiny_am, [2.0, 1.0])
     out = whisper_engine.generate(tiny_am, inputs, tiny_am.task.prompt, fast=True, max_new_tokens=5, num_beams=1)
     assert out.shape == (2, 5) and out.dtype == torch.long
@@ -149,3 +153,29 @@ def test_fast_encoder_is_close_to_exact_and_each_clip_its_own(tiny_am, monkeypat
     rel = float((fast - exact).norm() / exact.norm())
     assert 0 < rel < 0.01  # not exact, and close
     assert torch.equal(alone[0], fast[1])
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_fast_decoder_picks_the_exact_loops_words_from_the_same_states(tiny_am, monkeypatch, bf16):
+    """From the same encoder states, fast mode's decoder (float32 layers, words ranked in int8 and re-scored in
+    float32) picks the exact loop's words; bf16 cross-attention keys and values (where the CPU multiplies bf16
+    natively) are the one difference, checked to stay near float32's."""
+    monkeypatch.setattr(whisper_engine, "bf16_native", lambda: bf16)
+    monkeypatch.setattr(whisper_engine, "_QUANTIZED", [])
+    features = _noise(tiny_am, [1.0, 2.0, 3.0])["input_features"]
+    prompt = tiny_am.task.prompt
+    with torch.inference_mode():
+        hidden = whisper_engine.encode(tiny_am.model, features)
+        q = whisper_engine.quantized(tiny_am.model)
+        attn = tiny_am.model.model.decoder.layers[0].encoder_attn
+        k, v = whisper_engine._cross(q.model.decoder.layers[0].encoder_attn, hidden)
+        k32, v32 = whisper_engine._cross(attn, hidden)
+        exact = whisper_engine.greedy(tiny_am.model, hidden, prompt, 12)
+        fast = whisper_engine.greedy(q, hidden, prompt, 12)
+    assert k.dtype == v.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert torch.allclose(v.float(), v32, rtol=1e-2, atol=1e-2 * float(v32.abs().max()))
+    if bf16:
+        assert fast.shape == exact.shape
+    else:
+        assert torch.equal(k, k32)
+        assert torch.equal(fast, exact)

@@ -38,7 +38,7 @@ class TaskOptions:
     beams: int = 1
     language: str | None = None
     normalizer: str = "auto"
-    fast: bool = False  # seq2seq: int8 Linear layers (mamcli.whisper_engine), not exact
+    fast: bool = False  # seq2seq: int8 encoder, float32 decoder (mamcli.whisper_engine), not exact
     label_map: Path | None = None
 
 
