@@ -10,7 +10,7 @@ the shared LJ Speech subset, resampled to 16 kHz by mam's reader for every metho
      pipeline     transformers ``pipeline("automatic-speech-recognition")``, batch 1 (its default), greedy
      generate     mam's evaluation as it was before its engine: ``Evaluator`` with ``generate()``, batch 8
      exact        ``mam evaluate`` (its default engine: mamcli.whisper_engine's exact greedy loop), batch 8
-     fast         ``mam evaluate --fast``: int8 Linear layers, bf16 encoder attention where the CPU has it, NOT exact
+     fast         ``mam evaluate --fast``: int8 encoder, float32 decoder, bf16 where the CPU has it, NOT exact
      ct2          CTranslate2 int8 (faster-whisper's backend), greedy, when ``ctranslate2`` imports: the model
                   converted once from the same checkpoint (conversion not timed), HF features, batch 8
    Hypotheses are compared with the pipeline's. ``--wer-clips`` then runs exact, fast and the pipeline once on
@@ -90,11 +90,28 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
     "kept (fast): query, key and value as one int8 product; convolutions in bf16": (
         "the convolutions of two clips 27 → 10 ms; the encoder 0.134 → 0.118 s a clip (random input)"),
     "kept (fast): encoder one clip at a time": "0.115-0.126 s a clip against 0.145-0.148 two at a time (8 clips)",
-    "not kept (fast): decoder in per-row int8 too": (
-        "at a step's few rows fbgemm's fused kernel is faster (8 × 384 × 384: 0.033 ms against 0.049; the output "
-        "projection 0.52 ms against 1.43). On 385 clips it changed 33 normalised hypotheses against torch.ao's 62 "
-        "but WER +0.39 pp (one clip +17 words); a float32 decoder changed 18, WER -0.36 pp (one clip -24 words), "
-        "and took 92 s against 74 (385 clips, one round each)"),
+    "kept (fast): the decoder's layers in float32, its next word ranked in int8 and re-scored in float32": (
+        "decoding 60 LJ clips from the same fast encoder states (in-process, 2 threads, best of 2): the previous "
+        "decoder (torch.ao int8 Linear layers, one activation scale per step) 2.7-3.4 s, hypotheses different from "
+        "exact on 18 of 60; float32 layers 5.2-5.9 s, 5 of 60; with the output projection ranked in int8 (fbgemm, a "
+        "scale per word) and its 16 best re-scored in float32 4.4-5.0 s, the same words as float32; over its 4,860 "
+        "steps float32's word ranked first in int8 at 98 %, never below third. An int8 projection without the "
+        "re-scoring changed 8 of 60; int8 fc1/fc2 alone 14 of 60. On 385 clips last session an int8 decoder with a "
+        "scale per row changed 33 normalised hypotheses (WER +0.39 pp, one clip +17 words) and a float32 decoder "
+        "18 (WER -0.36 pp, one clip -24 words), the torch.ao decoder 62"),
+    "whole commands, this decoder against the previous one": (
+        "mam evaluate --fast on 60 LJ clips, four alternating rounds: 17.2, 18.3, 19.1 and 20.6 s against 18.0, "
+        "18.1, 18.7 and 19.9 s: the same within this machine's noise"),
+    "kept (fast): cross-attention keys and values computed and kept in bfloat16": (
+        "a decoding step reads them whole (4 layers × 2 × 1500 × 384 per clip, 18 MB in float32): with the "
+        "decoder above, 60 clips 3.6-4.1 s against 4.3-5.0, hypotheses different from exact on 4 of 60"),
+    "not kept (fast): a guaranteed shortlist from a worst-case int8 error bound": (
+        "the bound (half a step of activation and of weight, summed over the 384 inputs) let a mean of 680 and at "
+        "the 99th percentile 25,952 words through: no faster than float32. The 16 best in int8 are an empirical "
+        "shortlist, and its argmax is checked in tests"),
+    "not kept (fast): decoder layers in bfloat16": (
+        "a step's products at 8 rows: 384 × 384 0.055 ms against float32's 0.060, 384 × 1536 0.12 against 0.23; "
+        "in the loop 3.64 s against 3.63 for 60 clips, 4 changed hypotheses either way"),
     "not kept (fast): the decoder's cross-attention keys and values in per-row int8": (
         "their error from float32 falls from 4-5 % to 1.4-1.6 % (relative, 8 LJ clips), but 8 clips' 12,000 rows "
         "took 25-33 ms against fbgemm's 11.5-12.3 for a layer's keys and values; split into row chunks 7.3-12 ms "
@@ -112,7 +129,7 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
     "not kept (fast): torchao's int8 instead of torch.ao's": (
         "torchao 0.18 Int8DynamicActivationInt8WeightConfig, eager (no torch.compile), 2 threads, quiet: encoder "
         "0.241 s a clip against torch.ao's 0.150 and float32's 0.225; output projection at 8 rows 26.9 ms against "
-        "0.67 and 10.5: slower than float32; the decoder stays on the deprecated torch.ao while torch has it"),
+        "0.67 and 10.5: slower than float32; the word ranking stays on the deprecated torch.ao while torch has it"),
     "rejected (fast): encoder window cut to the audio": "whisper.cpp's audio_ctx (clip + 1 s of silence): 11 of 24 "
                                                         "LJ clips changed, 5 into loops to the bound",
     "rejected (fast): encoder on the first 15 s of the window": "picked on LJ's first 48 clips, checked on the other "
