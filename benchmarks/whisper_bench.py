@@ -92,7 +92,7 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
     "kept (fast): encoder one clip at a time": "0.115-0.126 s a clip against 0.145-0.148 two at a time (8 clips)",
     "kept (fast): the decoder's layers in float32, its next word ranked in int8 and re-scored in float32": (
         "decoding 60 LJ clips from the same fast encoder states (in-process, 2 threads, best of 2): the previous "
-        "decoder (torch.ao int8 Linear layers, one activation scale per step) 2.7-3.4 s, hypotheses different from "
+        "decoder (torch.ao int8 Linear layers, one activation scale per step) 2.7-3.9 s, hypotheses different from "
         "exact on 18 of 60; float32 layers 5.2-5.9 s, 5 of 60; with the output projection ranked in int8 (fbgemm, a "
         "scale per word) and its 16 best re-scored in float32 4.4-5.0 s, the same words as float32; over its 4,860 "
         "steps float32's word ranked first in int8 at 98 %, never below third. An int8 projection without the "
@@ -104,7 +104,8 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
         "18.1, 18.7 and 19.9 s: the same within this machine's noise"),
     "kept (fast): cross-attention keys and values computed and kept in bfloat16": (
         "a decoding step reads them whole (4 layers × 2 × 1500 × 384 per clip, 18 MB in float32): with the "
-        "decoder above, 60 clips 3.6-4.1 s against 4.3-5.0, hypotheses different from exact on 4 of 60"),
+        "decoder above, 60 clips 3.6-4.4 s (the best of each of four sittings) against 4.3-5.0, hypotheses "
+        "different from exact on 4 of 60"),
     "not kept (fast): a guaranteed shortlist from a worst-case int8 error bound": (
         "the bound (half a step of activation and of weight, summed over the 384 inputs) let a mean of 680 and at "
         "the 99th percentile 25,952 words through: no faster than float32. The 16 best in int8 are an empirical "
