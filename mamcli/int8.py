@@ -84,11 +84,11 @@ class ShortlistArgmax(torch.nn.Module):
     whisper-tiny.en) an int8 projection alone picked another word than float32 at 2 % of steps, and float32's
     word never ranked below third in int8."""
 
-    def __init__(self, linear: torch.nn.Linear, ranker: torch.nn.Module, k: int = 16) -> None:
+    def __init__(self, linear: torch.nn.Linear, ranker: torch.nn.Module, k: int) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
         self.ranker, self.k = ranker, k
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
         """Per row of ``x`` (rows, in), the index of the largest output outside ``banned`` (out,) boolean."""
