@@ -54,6 +54,7 @@ class AudioModel:
     fixed_length: bool = False  # the feature extractor pads every clip to one window (Whisper: 30 s)
     min_samples: int | None = None  # shorter clips give the front end no output frame
     max_samples: int | None = None  # longer clips do not fit the model's window
+    silent_tail: bool = False  # Whisper's log-mel window: its silence computed once (_silent_tail)
 
     def inputs(self, audio: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Features of a batch, on the model's device; floating inputs in the model's dtype."""
@@ -62,10 +63,27 @@ class AudioModel:
             kwargs["padding"] = True
         if "return_attention_mask" in self._sig:
             kwargs["return_attention_mask"] = self.takes_mask
-        feats = self.features(audio, **kwargs)
+        feats = self._silent_tail(audio, kwargs) if self.silent_tail else self.features(audio, **kwargs)
         dtype = next(self.model.parameters()).dtype
         return {k: v.to(self.model.device, dtype=dtype if v.is_floating_point() else v.dtype)
                 for k, v in feats.items() if k in ("input_values", "input_features", "attention_mask")}
+
+    def _silent_tail(self, audio: list[np.ndarray], kwargs: dict[str, Any]) -> Any:
+        """Whisper's features of clips padded to its 30-s window, the same numbers bit for bit, with the spectrogram
+        taken over the clips and a little silence only. The extractor pads every clip with zeros to 30 s and takes
+        the STFT of it all; every frame past a clip's end plus half an FFT is silence, whose log-mel is one value
+        per clip (its floor, the clip's loudest − 8, normalised). So the batch is padded to just past its longest
+        clip, leaving at least one whole silent frame last, and that frame is repeated to the window's length:
+        60 LJ clips in 0.08 s against 0.7 s, which is 4 % of a whole ``--fast`` evaluation."""
+        fe = self.features
+        hop = fe.hop_length  # the silent frame's window (n_fft wide) must lie past the clip, reflection included
+        span = -(-(max(len(a) for a in audio) + fe.n_fft) // hop) * hop + hop
+        if span >= fe.n_samples:
+            return fe(audio, **kwargs)
+        feats = fe(audio, **kwargs, padding="max_length", max_length=span)
+        x = feats["input_features"]
+        feats["input_features"] = torch.cat([x, x[..., -1:].expand(-1, -1, fe.nb_max_frames - x.shape[-1])], dim=-1)
+        return feats
 
     def batches(self, clips: list[Clip], batch_size: int) -> Iterator[list[Clip]]:
         """Length-sorted batches; a model that padding would change only batches equal lengths."""
@@ -204,6 +222,9 @@ def load_audio_model(ckpt: Checkpoint, task: str | Task, device: str = "cpu", la
     am = AudioModel(ckpt, model, features, tokenizer, head, rate, takes_mask, padding_safe, sig, fixed,
                     max_samples=getattr(features, "n_samples", None) if fixed else None)
     am.min_samples = _min_samples(am)
+    # dither would make the silence differ frame by frame; a mask would have to be padded too
+    am.silent_tail = (fixed and isinstance(features, tf.WhisperFeatureExtractor) and not takes_mask
+                      and not getattr(features, "dither", 0.0))
     if head is not None:
         head.bind(am)
     return am
