@@ -59,17 +59,25 @@ def generate(am: Any, inputs: dict[str, torch.Tensor], prompt: list[int | None],
     Beam search, sampling or language detection go to ``generate`` itself. ``fast``: an int8 encoder and a float32
     decoder whose words int8 shortlists (the module's docstring); not exact."""
     greedy_ok = kwargs.get("num_beams", 1) == 1 and not kwargs.get("do_sample") and None not in prompt
-    if fast and not greedy_ok:
-        raise MamError("--fast decodes greedily with a known decoder prompt: leave --beams out, and give --language "
-                       "to a multilingual model")
-    if fast and am.model.device.type != "cpu":
-        raise MamError("--fast (int8 dynamic quantisation) runs on CPU only; leave it out on a GPU")
+    if fast:
+        check_fast(greedy_ok, am.model.device.type)
     if not greedy_ok:
         return am.model.generate(**inputs, **kwargs)
     model = quantized(am.model) if fast else am.model
     hidden = (encode_fast if fast else encode)(model, inputs["input_features"])
     return greedy(model, hidden, [int(t) for t in prompt if t is not None], int(kwargs.get("max_new_tokens")
                   or am.model.config.max_target_positions - len(prompt)))
+
+
+def check_fast(greedy: bool = True, device: str = "cpu") -> None:
+    """Refuse what fast mode cannot do: beam search, sampling or a language detected per clip (``greedy`` False),
+    or a device other than the CPU. :func:`generate` asks, and the task asks as soon as it knows (the options
+    before the model loads, the prompt and device after), so the command answers before reading any audio."""
+    if not greedy:
+        raise MamError("--fast decodes greedily with a known decoder prompt: leave --beams out, and give --language "
+                       "to a multilingual model")
+    if device != "cpu":
+        raise MamError("--fast (int8 dynamic quantisation) runs on CPU only; leave it out on a GPU")
 
 
 def encode(model: Any, features: torch.Tensor) -> torch.Tensor:

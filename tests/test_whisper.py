@@ -216,6 +216,27 @@ def test_pooling_keeps_only_the_frames_that_hold_audio(real):
             assert np.abs(pooled[c.item.id][layer] - padded).max() > 0.1
 
 
+def test_features_equal_the_extractors_own_bit_for_bit_with_the_silence_computed_once(real, monkeypatch):
+    """mam takes Whisper's spectrogram over the clips and a little silence, and repeats the silent frame to the
+    30-s window (AudioModel._silent_tail): the extractor's own numbers, for batches of mixed lengths and for a clip
+    too long to leave room (the whole window computed then)."""
+    with resolve(str(real("whisper-tiny.en"))) as t:
+        am = load_audio_model(t, "encode")
+    assert am.silent_tail
+    lj = _lj_audio(5)
+    long = np.random.default_rng(0).normal(0, 0.1, am.features.n_samples - 300).astype(np.float32)  # 29.98 s
+    extract, spans = type(am.features).__call__, []
+    monkeypatch.setattr(type(am.features), "__call__",
+                        lambda fe, *a, **k: spans.append(k.get("max_length")) or extract(fe, *a, **k))
+    for batch in (lj, lj[:1], [lj[0], np.zeros(1600, dtype=np.float32)], [long], [long, lj[1]]):
+        spans.clear()
+        ours = am.inputs(batch)["input_features"]
+        theirs = extract(am.features, batch, sampling_rate=16000, return_tensors="pt")["input_features"]
+        assert ours.shape == theirs.shape == (len(batch), 80, 3000)
+        assert torch.equal(ours, theirs)
+        assert (spans == [None]) == (batch[0] is long), spans  # the short spectrogram wherever it fits
+
+
 # ---- clips a model cannot take ------------------------------------------------------------------------------
 
 def _manifest(tmp_path, clips: dict[str, tuple[np.ndarray, int]], text: str = "one") -> str:
@@ -305,6 +326,18 @@ def test_language_and_beams_reach_generate(multilingual):
         assert plain == [hyps[i.id] for i in batch]
     with resolve(str(path)) as ck, pytest.raises(MamError, match="not a language of") as e:
         Evaluator(ck, ds, EvalOptions(language="xx"))
+    assert "\n" not in str(e.value)
+
+
+def test_fast_mode_refuses_what_it_cannot_do_before_reading_audio(multilingual, monkeypatch):
+    """Beam search is refused from the options alone (no model), a language left to detection once the model's
+    prompt is known: either way before a clip is read."""
+    with pytest.raises(MamError, match="--fast decodes greedily"):
+        Seq2Seq(TaskOptions(fast=True, beams=3))
+    monkeypatch.setattr("mamcli.data.load_clip", lambda *a: pytest.fail("audio read before the refusal"))
+    ds = select(load_dataset(LJ), limit=1)
+    with resolve(str(multilingual)) as ck, pytest.raises(MamError, match="give --language") as e:
+        Evaluator(ck, ds, EvalOptions(fast=True))
     assert "\n" not in str(e.value)
 
 

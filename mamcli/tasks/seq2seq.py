@@ -68,6 +68,8 @@ class Seq2Seq(SpeechRecognition):
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         super().__init__(options)
+        if self.options.fast:
+            whisper_engine.check_fast(greedy=self.options.beams == 1)
         self.multilingual = False
         self.timestamps = False
         self.language_token: str | None = None
@@ -87,6 +89,8 @@ class Seq2Seq(SpeechRecognition):
         self.spelling = getattr(am.tokenizer, "english_spelling_normalizer", None) or None
         self.timestamps = getattr(gen, "no_timestamps_token_id", None) is not None
         self.prompt = self.decoder_prompt(am)
+        if self.options.fast:
+            whisper_engine.check_fast(greedy=None not in self.prompt, device=am.model.device.type)
         longest = getattr(am.model.config, "max_target_positions", None) or gen.max_length
         self.limit = int(longest) - len(self.prompt)
         ids = (gen.pad_token_id, gen.eos_token_id, gen.decoder_start_token_id, *am.tokenizer.all_special_ids)
