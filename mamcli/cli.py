@@ -394,7 +394,7 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="An unreadable clip is
 TextFieldOpt = Annotated[TextField, typer.Option("--text-field", help="LJ Speech transcript column.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1,
                                               help="Clips per forward (default: 8 on GPU; on CPU 1, but 8 for "
-                                              "Whisper, whose batch shares each decoder step).")]
+                                              "Whisper, whose batch shares each decoder step, 16 with --fast).")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure here.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
 Dtype = _choices("Dtype", "float32", "bfloat16", "float16")  # models.COMPUTE_DTYPES

@@ -50,7 +50,7 @@ from mamcli.tasks import Task, TaskOptions, make
 class EvalOptions:
     task: str = "auto"  # asr | aec | auto (from the model's head)
     normalizer: str = "auto"  # auto (whisper for sequence-to-sequence, basic for CTC) | whisper | basic | none
-    batch_size: int | None = None  # default: 8 on an accelerator; on CPU 1, or 8 for sequence-to-sequence
+    batch_size: int | None = None  # default: 8 on an accelerator; on CPU 1, or 8 for sequence-to-sequence (16 --fast)
     strict: bool = False
     label_map: Path | None = None
     device: str = "cpu"

@@ -159,7 +159,8 @@ def resolve_device(name: str) -> torch.device:
 def default_batch_size(model: Any, task: Task | None = None) -> int:
     """Accelerators: 8 length-sorted clips. CPU: the task's own (CTC and classification one clip at a time:
     padding and batched convolutions cost more than they save on a few cores, benchmarks/eval_bench.py;
-    sequence-to-sequence 8: the batch shares each decoder step, 1.5× faster, benchmarks/whisper_bench.py)."""
+    sequence-to-sequence 8: the batch shares each decoder step, 1.5× faster, benchmarks/whisper_bench.py; 16 in
+    its fast mode)."""
     if model.device.type != "cpu":
         return 8
     return task.cpu_batch_size if task is not None else 1

@@ -341,6 +341,14 @@ def test_fast_mode_refuses_what_it_cannot_do_before_reading_audio(multilingual, 
     assert "\n" not in str(e.value)
 
 
+def test_fast_mode_batches_16_clips_on_cpu_unless_told(tiny):
+    ds = select(load_dataset(LJ), limit=1)
+    with resolve(str(tiny("whisper", layers=2))) as ck:
+        sizes = [Evaluator(ck, ds, EvalOptions(**o)).batch_size for o in ({"fast": True}, {}, {"fast": True,
+                                                                                              "batch_size": 3})]
+    assert sizes == [16, 8, 3]
+
+
 def test_seq2seq_labels_carry_the_decoder_prompt(multilingual):
     """Fine-tuning targets: language, transcribe, no-timestamps, text, end-of-text (the model prepends the
     start of transcript when it shifts them into decoder inputs), -100 padded."""

@@ -73,7 +73,7 @@ class Task:
     has_decoder: ClassVar[bool] = False  # a decoder of its own (--freeze-decoder)
     needs_tokenizer: ClassVar[bool] = False
     default_normalizer: ClassVar[str | None] = None  # ASR tasks: what "auto" means
-    cpu_batch_size: ClassVar[int] = 1  # clips per batch on CPU unless asked (models.default_batch_size)
+    cpu_batch_size: int = 1  # clips per batch on CPU unless asked (models.default_batch_size); options may change it
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         self.options = options or TaskOptions()
