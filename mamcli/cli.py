@@ -7,6 +7,7 @@ with one line on stderr and a non-zero exit code, never a traceback (set MAM_DEB
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -1068,6 +1069,11 @@ def main(argv: list[str] | None = None) -> None:
     from mamcli.distributed import leave
 
     leave(code)  # under a launcher: waits for the other processes, then ends this one (no return)
+    if argv is None:  # the console script: the process ends here
+        # The interpreter's last garbage collections walk every object torch and transformers made: 1.0-1.4 s
+        # after the work is done, a sixth of a one-clip evaluation. Frozen objects are left to the operating
+        # system; exit handlers, flushes and module teardown still run (0.24 s).
+        gc.freeze()
     sys.exit(code)
 
 

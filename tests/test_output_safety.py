@@ -367,3 +367,21 @@ def test_a_file_system_without_locks_still_merges(pair, mam, tmp_path, monkeypat
     r = mam("merge", *pair, "--lam", "0.1", "-o", tmp_path / "o", "-q")
     assert r.code == 0, r.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_only_the_console_script_skips_the_last_garbage_collections(monkeypatch):
+    """`mam` freezes the garbage collector as it exits (the interpreter's last collections cost about a second);
+    a Python caller of main(argv) keeps its collector."""
+    import gc
+
+    from mamcli.cli import main
+
+    frozen: list[bool] = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    monkeypatch.setattr(sys, "argv", ["mam", "--version"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0 and frozen == [True]
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert frozen == [True]
