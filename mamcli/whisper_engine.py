@@ -31,6 +31,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
 from typing import Any
 
@@ -100,17 +101,41 @@ def encode_fast(model: Any, features: torch.Tensor) -> torch.Tensor:
     """Fast mode's encoder, NOT exact, on :func:`quantized`'s copy: the encoder's forward written out
     (convolutions, positions, pre-norm layers, final norm) over its int8 layers, the stacked ``qkv`` product, and
     on CPUs that multiply bfloat16 natively bf16 convolutions and self-attention (:func:`_self_attend`).
-    One clip at a time: 0.115-0.126 s a clip against 0.145-0.148 two at a time (8 clips, 2 threads)."""
+
+    One clip at a time (0.115-0.126 s a clip against 0.145-0.148 two at a time, 8 clips, 2 threads), and with n
+    threads n clips at once, each on one thread: a clip's many small passes (scaling, quantising, softmax, norms)
+    then pay no hand-over between threads. 60 LJ clips in 6.7-7.3 s against 7.3-7.7 with two threads on each
+    clip (four alternating rounds, in-process), each clip's states the same bit for bit (tested)."""
+    parts = features.split(1)
+    threads = torch.get_num_threads()
+    if threads < 2 or len(parts) < 2:
+        return torch.cat([_encode_clip(model, part) for part in parts])
+
+    def lane(k: int) -> list[torch.Tensor]:
+        with torch.inference_mode():  # grad mode is per thread
+            return [_encode_clip(model, part) for part in parts[k::threads]]
+
+    torch.set_num_threads(1)  # torch's setting is global: every lane's products stay on its own thread
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            lanes = list(pool.map(lane, range(threads)))
+    finally:
+        torch.set_num_threads(threads)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(parts)
+    for k, states in enumerate(lanes):
+        out[k::threads] = states
+    return torch.cat(out)
+
+
+def _encode_clip(model: Any, features: torch.Tensor) -> torch.Tensor:
+    """:func:`encode_fast` of one clip, (1, mel bins, frames)."""
     enc = model.get_encoder()
     dtype = enc.conv1.weight.dtype  # bfloat16 where the CPU multiplies it natively (quantized)
-    out = []
-    for part in features.split(1):
-        x = F.gelu(enc.conv2(F.gelu(enc.conv1(part.to(dtype))))).float().transpose(1, 2) + enc.embed_positions.weight
-        for layer in enc.layers:
-            x = x + _self_attend(layer.self_attn, layer.self_attn_layer_norm(x), dtype)
-            x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
-        out.append(enc.layer_norm(x))
-    return torch.cat(out)
+    x = F.gelu(enc.conv2(F.gelu(enc.conv1(features.to(dtype))))).float().transpose(1, 2) + enc.embed_positions.weight
+    for layer in enc.layers:
+        x = x + _self_attend(layer.self_attn, layer.self_attn_layer_norm(x), dtype)
+        x = x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
+    return enc.layer_norm(x)
 
 
 def _self_attend(attn: Any, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
