@@ -80,19 +80,22 @@ def test_beams_go_to_generate(tiny_am):
 
 
 def test_fast_encoder_runs_a_clip_per_thread_and_gives_each_clip_its_own_numbers(tiny_am):
-    """With n threads fast mode encodes n clips at once, each on one thread: every clip's states are those of the
-    same clip encoded alone, and torch's thread count is given back."""
+    """With n threads fast mode encodes up to n clips at once, each on its share of the threads: every clip's
+    states are those of the same clip encoded alone, and torch's thread count is given back."""
     q = whisper_engine.quantized(tiny_am.model)
     features = _noise(tiny_am, [1.0, 2.0, 3.0, 1.5, 0.5])["input_features"]
     with torch.inference_mode():
         alone = [whisper_engine.encode_fast(q, f[None]) for f in features]
-        torch.set_num_threads(3)
+        lanes = {}
         try:
-            lanes = whisper_engine.encode_fast(q, features)
-            assert torch.get_num_threads() == 3
+            for threads in (3, 7):  # 3 lanes of one thread; 5 lanes (one per clip) of one thread
+                torch.set_num_threads(threads)
+                lanes[threads] = whisper_engine.encode_fast(q, features)
+                assert torch.get_num_threads() == threads
         finally:
             torch.set_num_threads(1)
-    assert torch.equal(lanes, torch.cat(alone))
+    for states in lanes.values():
+        assert torch.equal(states, torch.cat(alone))
 
 
 def test_exact_on_real_speech_equals_generate(real):
