@@ -10,7 +10,8 @@ the shared LJ Speech subset, resampled to 16 kHz by mam's reader for every metho
      pipeline     transformers ``pipeline("automatic-speech-recognition")``, batch 1 (its default), greedy
      generate     mam's evaluation as it was before its engine: ``Evaluator`` with ``generate()``, batch 8
      exact        ``mam evaluate`` (its default engine: mamcli.whisper_engine's exact greedy loop), batch 8
-     fast         ``mam evaluate --fast``: int8 encoder, float32 decoder, bf16 where the CPU has it, NOT exact
+     fast         ``mam evaluate --fast`` (batch 16, its default): int8 encoder, float32 decoder, bf16 where the CPU
+                  has it, NOT exact
      ct2          CTranslate2 int8 (faster-whisper's backend), greedy, when ``ctranslate2`` imports: the model
                   converted once from the same checkpoint (conversion not timed), HF features, batch 8
    Hypotheses are compared with the pipeline's. ``--wer-clips`` then runs exact, fast and the pipeline once on
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,6 +140,26 @@ LEVERS = {  # measured in-process, 2 threads; "quiet" runs had nothing else on t
                                                                "5.162 %, int8 + 15 s 5.432 % (+0.31 pp), fp32 + 15 s "
                                                                "4.801 % (-0.32 pp); 4.2× exact's speed with int8 "
                                                                "but WER moves as much as the merges mam measures",
+    "kept (both): the spectrogram over the clips only, the silent frame repeated to 30 s": (
+        "the extractor takes the STFT of every clip padded to 30 s; past a clip's end every frame is one silent "
+        "value: 60 LJ clips 0.08 s against 0.7 s, the extractor's numbers bit for bit"),
+    "kept (both): mam freezes the garbage collector as it exits": (
+        "the interpreter's last collections over torch's and transformers' objects took 1.0-1.4 s, 0.24 s frozen; "
+        "one-clip --fast commands 5.2-6.7 s against 6.1-7.3. The pipeline's row is a script as users write it, "
+        "so it pays that teardown"),
+    "kept (fast): 16 clips a batch (exact stays at 8)": (
+        "fast mode encodes one clip at a time whatever the batch; 60 LJ clips decoded in 2.75-2.89 s against "
+        "3.06-3.20 at 8 (three rounds)"),
+    "kept (fast): n threads encode n clips at once, one thread each": (
+        "a clip's small passes (scaling, quantising, softmax, norms) no longer hand over between threads: 60 LJ "
+        "clips 6.7-7.3 s against 7.3-7.7 (four alternating rounds), each clip's states the same bit for bit"),
+    "not kept (fast): encoder Linear layers in bf16 instead of int8": (
+        "3× closer to exact (rms 0.012 against 0.034 on 60 LJ clips; token sequences different from exact 9 of "
+        "60 against 12, with the fast decoder) but the encoder 9.0-9.2 s against 8.0-8.3: bf16 products of these "
+        "shapes run at 55-75 % of int8's"),
+    "where fast mode's encoder is bound": (
+        "per head and clip (1500 frames, bf16): QKᵀ 0.75 ms, softmax 0.8-0.9 (its exp alone 0.57), PV 0.72; the "
+        "exp's throughput, not the products, is the next wall"),
 }
 
 
@@ -295,6 +317,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         wer = {m: got for m, (_, got) in long_runs.items()}
         long_s = {m: round(seconds, 3) for m, (seconds, _) in long_runs.items()}
     over = {m: round(best["pipeline"] / best[m], 3) for m in methods if m != "pipeline"}
+    median = {m: statistics.median(v) for m, v in rounds.items()}  # the spread beside the best, for the reader
     gap_pp = round(100 * (wer["fast"]["wer"] - wer["exact"]["wer"]), 3)
     met = {"exact_over_pipeline": over["exact"] >= TARGETS["exact_over_pipeline"] and same["exact"] == len(ref),
            "fast_over_pipeline": over["fast"] >= TARGETS["fast_over_pipeline"],
@@ -306,7 +329,9 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "model": "whisper-tiny.en (real weights, fp16 on disk, float32 compute; ct2: int8)", "device": args.device,
         "whole_command_s": {"best": {m: round(v, 3) for m, v in best.items()}, "rounds": rounds},
-        "speed_over_pipeline": over, "identical_to_pipeline": {m: f"{n}/{len(ref)}" for m, n in same.items()},
+        "speed_over_pipeline": over,
+        "speed_over_pipeline_median_rounds": {m: round(median["pipeline"] / median[m], 3) for m in over},
+        "identical_to_pipeline": {m: f"{n}/{len(ref)}" for m, n in same.items()},
         "exact": whisper_engine.describe(fast=False),
         "fast": (whisper_engine.describe(fast=True) if args.device == "cpu"
                  else {"engine": "exact", "exact": False, "what": "--dtype float16"}),
