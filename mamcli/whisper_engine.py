@@ -113,20 +113,16 @@ def encode_fast(model: Any, features: torch.Tensor) -> torch.Tensor:
     if lanes < 2:
         return torch.cat([_encode_clip(model, part) for part in parts])
 
-    def lane(k: int) -> list[torch.Tensor]:
+    def clip(part: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():  # grad mode is per thread
-            return [_encode_clip(model, part) for part in parts[k::lanes]]
+            return _encode_clip(model, part)
 
     torch.set_num_threads(threads // lanes)  # torch's setting is global: it holds for every lane
     try:
         with ThreadPoolExecutor(lanes) as pool:
-            states = list(pool.map(lane, range(lanes)))
+            return torch.cat(list(pool.map(clip, parts)))  # in the clips' order
     finally:
         torch.set_num_threads(threads)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(parts)
-    for k, lane_states in enumerate(states):
-        out[k::lanes] = lane_states
-    return torch.cat(out)
 
 
 def _encode_clip(model: Any, features: torch.Tensor) -> torch.Tensor:
